@@ -1,0 +1,6 @@
+"""Attention mechanisms, one file per mechanism, sharing one interface.
+
+Every module maps a channels-last token grid ``[B, H, W, C] -> [B, H, W, C]``
+(token-pruning modules on ``[B, N, C]`` say so), works for any H and W, and,
+where a fused kernel exists, takes ``backend="auto" | "torch" | "triton"``.
+"""
