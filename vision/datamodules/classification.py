@@ -1,0 +1,176 @@
+"""Classification LightningDataModules: ImageNet-style folders and the embedded Fashion-MNIST."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .datasets import ArrayDataset, ImageFolderDataset, collate_skip_none, read_idx, seed_worker_transform
+from .transforms import backbone_eval_config, build_transforms
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Shared loaders and transforms; subclasses build the train/val/test datasets.
+
+    Preprocessing follows the backbone's timm ``pretrained_cfg`` (mean, std, crop_pct,
+    interpolation) unless given explicitly. ``randaugment`` = ``{magnitude: 9, num_ops: 2}``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        in_chans: int = 3,
+        image_size: int = 224,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        backbone: str | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        randaugment: dict | None = None,
+        skip_corrupt: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.root = Path(root).expanduser()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.eval_config = backbone_eval_config(
+            backbone, in_chans, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation
+        )
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def transforms(self, train: bool):
+        hp = self.hparams
+        return build_transforms(train, hp.image_size, self.eval_config, scale=hp.scale, ratio=hp.ratio,
+                                hflip=hp.hflip, randaugment=hp.randaugment)
+
+    def build_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set, self.test_set = self.build_datasets()
+            self.train_transform.set_random_seed(torch.initial_seed() % 2**32)  # main-process loading
+
+    @property
+    def train_transform(self):
+        return _base_dataset(self.train_set).transform
+
+    @property
+    def skipped(self) -> int:
+        """Number of corrupt files skipped so far (``skip_corrupt=true``), over all splits."""
+        sets = {id(_base_dataset(s)): _base_dataset(s) for s in (self.train_set, self.val_set, self.test_set) if s}
+        return sum(getattr(s, "skipped", 0) for s in sets.values())
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            shuffle=train,
+            drop_last=train,  # Mixup/CutMix need even, full batches
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            worker_init_fn=seed_worker_transform,
+            collate_fn=collate_skip_none,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+
+def _base_dataset(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+class ImageFolderDataModule(ClassificationDataModule):
+    """ImageNet layout: ``root/train/<class>/*`` and ``root/val/<class>/*`` (``root/test`` if present,
+    else the val split is also the test split)."""
+
+    def build_datasets(self):
+        if not (self.root / "train").is_dir() or not (self.root / "val").is_dir():
+            raise FileNotFoundError(
+                f"data.root={self.root} must contain train/<class>/<image> and val/<class>/<image> "
+                "(the ImageNet layout; for ImageNet-1k, extract ILSVRC2012_img_train.tar into train/ and sort "
+                "the validation images into per-class folders under val/)"
+            )
+        kw = dict(in_chans=self.in_chans, skip_corrupt=self.hparams.skip_corrupt)
+        train = ImageFolderDataset(self.root / "train", self.transforms(train=True), **kw)
+        if len(train.classes) != self.num_classes:
+            raise ValueError(
+                f"{self.root / 'train'} has {len(train.classes)} class folders but data.num_classes={self.num_classes}"
+            )
+        val = ImageFolderDataset(self.root / "val", self.transforms(train=False), classes=train.classes, **kw)
+        test_root = self.root / "test" if (self.root / "test").is_dir() else self.root / "val"
+        test = ImageFolderDataset(test_root, self.transforms(train=False), classes=train.classes, **kw)
+        return train, val, test
+
+
+class FashionMNISTDataModule(ClassificationDataModule):
+    """Fashion-MNIST from its original idx files in ``root`` (embedded in ``data/fashion-mnist``).
+
+    The last ``val_size`` images of a fixed permutation of the 60k training set are held out for
+    validation; the 10k official test set is the test split. ``train_subset`` trains on fewer images.
+    """
+
+    FILES = {
+        "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    }
+    CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+    def __init__(self, root: str, val_size: int = 5000, train_subset: int | None = None, split_seed: int = 0,
+                 **kwargs):
+        kwargs.setdefault("num_classes", 10)
+        kwargs.setdefault("in_chans", 1)
+        super().__init__(root, **kwargs)
+        if self.num_classes != 10 or self.in_chans != 1:
+            raise ValueError("Fashion-MNIST has 10 classes of grayscale images: num_classes=10, in_chans=1")
+        self.val_size, self.train_subset, self.split_seed = val_size, train_subset, split_seed
+
+    def _read(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        paths = [self.root / name for name in self.FILES[split]]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"Fashion-MNIST files not found: {', '.join(missing)}. The repository embeds them in "
+                "data/fashion-mnist; otherwise take the four *-ubyte.gz files from Debian's "
+                "dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist) and set data.root to their folder."
+            )
+        images, labels = (read_idx(p) for p in paths)
+        return images, labels
+
+    def build_datasets(self):
+        images, labels = self._read("train")
+        order = np.random.default_rng(self.split_seed).permutation(len(labels))
+        train_idx, val_idx = order[: len(order) - self.val_size], order[len(order) - self.val_size:]
+        if self.train_subset:
+            train_idx = train_idx[: self.train_subset]
+        train = ArrayDataset(images[train_idx], labels[train_idx], self.transforms(train=True))
+        val = ArrayDataset(images[val_idx], labels[val_idx], self.transforms(train=False))
+        test = ArrayDataset(*self._read("test"), transform=self.transforms(train=False))
+        return train, val, test

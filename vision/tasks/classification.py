@@ -1,0 +1,155 @@
+"""Image classification on any timm backbone (this package's or timm's own), chosen by name."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..models import create_model
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from ~0 to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ClassificationModule(L.LightningModule):
+    """Backbone by name (``timm.create_model``), AdamW (timm factory), per-step warmup + cosine.
+
+    Args:
+        backbone: ``{name, drop_path_rate, pretrained_file, kwargs}`` (a ``configs/model`` entry).
+        num_classes, in_chans: the dataset's.
+        lr, min_lr, weight_decay, betas, layer_decay: AdamW; norms, biases and the backbone's
+            ``no_weight_decay()`` names get no weight decay (timm's optimizer factory).
+        warmup_epochs: linear warmup length (fractional epochs allowed), stepped per iteration.
+        label_smoothing: for the hard-label loss, and for Mixup's soft targets.
+        mixup: timm ``Mixup`` arguments (``mixup_alpha``, ``cutmix_alpha``, ``prob``, ...) or None.
+        ema_decay: keep an EMA of the weights, used for validation and test; None disables.
+        compile: ``torch.compile`` the backbone at fit start.
+    """
+
+    def __init__(
+        self,
+        backbone: dict,
+        num_classes: int,
+        in_chans: int = 3,
+        lr: float = 1e-3,
+        min_lr: float = 1e-5,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        layer_decay: float | None = None,
+        warmup_epochs: float = 5,
+        label_smoothing: float = 0.1,
+        mixup: dict | None = None,
+        ema_decay: float | None = None,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.model = create_model(
+            backbone["name"],
+            pretrained_file=backbone.get("pretrained_file"),
+            num_classes=num_classes,
+            in_chans=in_chans,
+            drop_path_rate=backbone.get("drop_path_rate", 0.0),
+            **(backbone.get("kwargs") or {}),
+        )
+        self.mixup = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes) if mixup else None
+        self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
+
+        top_k = min(5, num_classes)
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        self.val_acc_best = MaxMetric()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights used for validation and test: the EMA copy when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit":
+            self.model = torch.compile(self.model)
+
+    # ---- training -------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        if self.mixup is not None:
+            images, soft_targets = self.mixup(images, targets)
+            loss = SoftTargetCrossEntropy()(self.model(images), soft_targets)
+        else:
+            loss = F.cross_entropy(self.model(images), targets, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(lr {self.optimizers().param_groups[0]['lr']:.3g}); lower task.lr, raise warmup, or use "
+                "trainer.gradient_clip_val / fp32 precision"
+            )
+        self.train_loss(loss.detach())
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    def on_train_start(self) -> None:
+        self.val_acc_best.reset()  # sanity-check batches must not count towards the best
+
+    # ---- evaluation -----------------------------------------------------------------------------
+
+    def _evaluate(self, batch, loss_metric, acc, acc5, prefix: str) -> None:
+        images, targets = batch
+        logits = self.eval_model(images)
+        loss_metric(F.cross_entropy(logits, targets))
+        acc(logits, targets)
+        acc5(logits, targets)
+        self.log(f"{prefix}/loss", loss_metric, prog_bar=True)
+        self.log(f"{prefix}/acc", acc, prog_bar=True)
+        self.log(f"{prefix}/acc5", acc5)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss, self.val_acc, self.val_acc5, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss, self.test_acc, self.test_acc5, "test")
+
+    # ---- optimisation ---------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = create_optimizer_v2(
+            self.model, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
+            layer_decay=hp.layer_decay,
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = min(int(hp.warmup_epochs * steps_per_epoch), total // 2)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
