@@ -72,8 +72,9 @@ def test_train_then_eval_gives_same_test_accuracy(compose_cfg, tmp_path):
 
 def test_quickstart_learns(compose_cfg):
     """A short quickstart run on a subset is far above chance (10%)."""
-    cfg = compose_cfg("train", [*QUICK, "data.train_subset=3000", "trainer.max_epochs=2", "data.batch_size=64",
-                                "trainer.limit_test_batches=20", "callbacks.model_checkpoint=null"])
+    cfg = compose_cfg("train", [*QUICK, "data.train_subset=2048", "trainer.max_epochs=2", "data.batch_size=64",
+                                "trainer.limit_val_batches=4", "trainer.limit_test_batches=16",
+                                "callbacks.model_checkpoint=null"])
     metrics, _ = train(cfg)
     assert metrics["test/acc"] > 0.6, metrics
 
