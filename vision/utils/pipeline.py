@@ -112,7 +112,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
         if not best:
             log.warning("no best checkpoint was saved (fast_dev_run or no checkpoint callback): testing current weights")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update(_metrics(trainer))
 
     outputs = {"output dir": str(cfg.paths.output_dir)}
@@ -133,7 +133,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise FileNotFoundError(f"ckpt_path={cfg.get('ckpt_path')!r} is not a checkpoint file; pass ckpt_path=/path/to.ckpt")
     datamodule, model, trainer, loggers = _build(cfg)
     log_hyperparameters(cfg, model, loggers)
-    trainer.test(model, datamodule=datamodule, ckpt_path=str(ckpt), weights_only=False)
+    trainer.test(model, datamodule=datamodule, ckpt_path=str(ckpt))
     metrics = _metrics(trainer)
     _summary(f"eval of {ckpt.name}", metrics, {"output dir": str(cfg.paths.output_dir)})
     return metrics, {"datamodule": datamodule, "model": model, "trainer": trainer}
