@@ -22,8 +22,8 @@ def test_train_logs_config_and_metrics_to_wandb(compose_cfg, tmp_path, monkeypat
     cfg = compose_cfg("train", [*QUICK, "logger=wandb", "logger.wandb.log_model=true"])
     _, objects = train(cfg)
     run = objects["trainer"].logger.experiment
-    assert run.config["model"]["name"] == cfg.model.name  # the resolved Hydra config
-    assert run.config["task"]["lr"] == cfg.task.lr
+    assert run.config["model"]["backbone"]["name"] == cfg.model.backbone.name  # the resolved Hydra config
+    assert run.config["model"]["lr"] == cfg.model.lr
     assert run.config["model/params/total"] > 0
     # offline runs keep everything in one local transaction log, to be uploaded by `wandb sync`
     (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")

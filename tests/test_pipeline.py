@@ -43,9 +43,9 @@ def test_experiment_composes_and_instantiates(compose_cfg, experiment, config_na
 
     overrides = [f"experiment={experiment}"] + (["ckpt_path=x.ckpt"] if config_name == "eval" else [])
     cfg = compose_cfg(config_name, overrides)
-    assert cfg.model.name and cfg.data._target_ and cfg.task._target_
+    assert cfg.model.backbone.name and cfg.data._target_ and cfg.model._target_
     datamodule = hydra.utils.instantiate(cfg.data)
-    assert datamodule.num_classes == cfg.task.num_classes
+    assert datamodule.num_classes == cfg.model.num_classes
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
