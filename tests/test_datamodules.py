@@ -121,3 +121,9 @@ def test_skip_corrupt_warns_and_counts(tmp_path):
         seen = sum(len(labels) for _, labels in dm._loader(dm.train_set, train=False))
     assert seen == 6  # the 6 readable images, nothing lost
     assert dm.skipped == 1
+
+
+def test_batch_larger_than_training_split_is_an_error():
+    dm = FashionMNISTDataModule(str(FMNIST), train_subset=10, batch_size=16, **loader_kwargs())
+    with pytest.raises(ValueError, match="10 images, fewer than data.batch_size=16"):
+        dm.setup("fit")

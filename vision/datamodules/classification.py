@@ -65,6 +65,11 @@ class ClassificationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_datasets()
+            if len(self.train_set) < self.hparams.batch_size:  # drop_last would leave no training batch
+                raise ValueError(
+                    f"the training split has {len(self.train_set)} images, fewer than data.batch_size="
+                    f"{self.hparams.batch_size}; lower data.batch_size"
+                )
             self.train_transform.set_random_seed(torch.initial_seed() % 2**32)  # main-process loading
 
     @property
