@@ -68,3 +68,25 @@ def test_nan_loss_is_a_clear_error():
     module.model.fc.weight.data.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite training loss.*epoch 0, step 0"):
         fit(module, steps=1)
+
+
+def test_bf16_mixed_precision_trains():
+    module = ClassificationModule(BACKBONE, num_classes=4, in_chans=1)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=1)
+    train, val = loaders()
+    trainer.fit(module, train, val)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay fp32
+
+
+def test_compiled_backbone_matches_eager():
+    module = ClassificationModule(BACKBONE, num_classes=4, in_chans=1, compile=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    expected = module(x)
+    keys = set(module.state_dict())
+    module.setup("fit")
+    assert module.model._compiled_call_impl is not None
+    assert set(module.state_dict()) == keys  # checkpoints load into an uncompiled module
+    torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-5)

@@ -98,7 +98,7 @@ class ClassificationModule(L.LightningModule):
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
         if self.hparams.compile and stage == "fit":
-            self.model = torch.compile(self.model)
+            self.model.compile()  # in place: parameter names (and so checkpoints) stay uncompiled-compatible
 
     # ---- training -------------------------------------------------------------------------------
 
