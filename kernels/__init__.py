@@ -3,3 +3,14 @@
 This package imports only torch (and triton lazily, when a Triton backend is
 used); importing it never touches a GPU driver. No model code lives here.
 """
+
+from .neighborhood import fit_dilation, neighborhood_attention2d, neighborhood_indices
+from .window import swin_table_to_rpb, window_attention2d
+
+__all__ = [
+    "fit_dilation",
+    "neighborhood_attention2d",
+    "neighborhood_indices",
+    "swin_table_to_rpb",
+    "window_attention2d",
+]
