@@ -4,3 +4,7 @@ Every module maps a channels-last token grid ``[B, H, W, C] -> [B, H, W, C]``
 (token-pruning modules on ``[B, N, C]`` say so), works for any H and W, and,
 where a fused kernel exists, takes ``backend="auto" | "torch" | "triton"``.
 """
+
+from .neighborhood import NeighborhoodAttention2D
+
+__all__ = ["NeighborhoodAttention2D"]

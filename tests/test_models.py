@@ -1,0 +1,122 @@
+"""The shared model battery: every model this package registers keeps timm's contract.
+
+Models are found through ``vision.list_models()``, so a new family joins by being imported in
+``vision/models/__init__.py``. Each family module publishes ``PUBLISHED_PARAMS`` (the official
+parameter counts) that the count check compares against. Inputs are small (64 px) to stay fast on CPU.
+"""
+
+import importlib
+import math
+
+import pytest
+import timm
+import torch
+
+import vision
+from vision.models import _FAMILIES
+
+MODELS = vision.list_models()
+SIZE = 64
+PUBLISHED = {
+    name: count
+    for family in _FAMILIES
+    for name, count in getattr(importlib.import_module(f"vision.models.{family}"), "PUBLISHED_PARAMS", {}).items()
+}
+
+
+def create(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def image(batch: int = 2, height: int = SIZE, width: int = SIZE, chans: int = 3) -> torch.Tensor:
+    return torch.randn(batch, chans, height, width, generator=torch.Generator().manual_seed(1))
+
+
+def test_every_family_registers_models():
+    assert MODELS, "no models registered"
+    assert set(MODELS) <= set(timm.list_models())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_parameter_count_matches_published(name):
+    assert name in PUBLISHED, f"{name}: add its official parameter count to PUBLISHED_PARAMS"
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - PUBLISHED[name]) <= 0.01 * PUBLISHED[name], f"{name}: {count:,} vs {PUBLISHED[name]:,.0f}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_and_grad_checkpointing(name):
+    model = create(name, num_classes=10).eval()
+    x = image()
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 10) and torch.isfinite(out).all()
+        model.set_grad_checkpointing()
+        torch.testing.assert_close(model(x), out)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_backward_reaches_every_parameter(name):
+    model = create(name, num_classes=10).train()
+    model(image()).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing[:5]}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_contract(name):
+    model = create(name, num_classes=10).eval()
+    cfg = model.pretrained_cfg
+    x = image()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        reduction = model.feature_info[-1]["reduction"]
+        assert feats.shape == (2, model.num_features, math.ceil(SIZE / reduction), math.ceil(SIZE / reduction))
+        assert tuple(cfg["pool_size"]) == tuple(s // reduction for s in cfg["input_size"][1:])
+        assert model.forward_head(feats, pre_logits=True).shape == (2, model.head_hidden_size)
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, feats)
+        assert len(intermediates) == len(model.feature_info)
+        state = model.state_dict()
+        assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.num_features)
+        model.reset_classifier(0, "")
+        assert model(x).ndim == 4
+    pooled = create(name, num_classes=0, global_pool="").eval()
+    with torch.no_grad():
+        assert pooled(x).ndim == 4
+    assert isinstance(model.no_weight_decay(), (set, list, tuple))
+    assert model.group_matcher()["stem"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_features_only(name):
+    model = create(name, features_only=True).eval()
+    with torch.no_grad():
+        feats = model(image())
+    assert len(feats) >= 3
+    assert [f.shape[1] for f in feats] == model.feature_info.channels()
+    for f, reduction in zip(feats, model.feature_info.reduction()):
+        assert f.shape[-1] <= math.ceil(SIZE / reduction) + 1
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_odd_non_square_input(name):
+    model = create(name, num_classes=10).eval()
+    with torch.no_grad():
+        out = model(image(1, 97, 131))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torch_compile_matches_eager(name):
+    model = create(name, num_classes=10).eval()
+    x = image(1)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=False)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,397 @@
+"""NAT and DiNAT: Neighborhood (and Dilated Neighborhood) Attention Transformers.
+
+Papers: "Neighborhood Attention Transformer" (CVPR 2023, https://arxiv.org/abs/2204.07143) and
+"Dilated Neighborhood Attention Transformer" (https://arxiv.org/abs/2209.15001).
+Architecture as in SHI-Labs/Neighborhood-Attention-Transformer (classification/nat.py, dinat.py):
+a two-conv tokenizer (stride 4), four stages of neighborhood-attention blocks (kernel 7; DiNAT
+alternates dilations per block), conv 3x3/s2 downsampling, final LayerNorm, mean pool, linear head.
+
+Our layout follows timm: ``stem`` -> ``stages[i]`` (downsample of the previous stage, then blocks)
+-> ``norm`` -> ``head``. Official checkpoints (``levels[i]`` with the downsample at the end of a
+level) load through :func:`checkpoint_filter_fn`.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from ..attention import NeighborhoodAttention2D
+
+__all__ = ["NAT"]
+
+# Parameter counts of the official releases (papers' tables, millions), checked by the model battery.
+PUBLISHED_PARAMS = {
+    "nat_mini": 20e6, "nat_tiny": 28e6, "nat_small": 51e6, "nat_base": 90e6,
+    "dinat_mini": 20e6, "dinat_tiny": 28e6, "dinat_small": 51e6, "dinat_base": 90e6,
+}
+
+
+class ConvTokenizer(nn.Module):
+    """Two 3x3 stride-2 convolutions (no activation between them), then LayerNorm: NCHW -> NHWC."""
+
+    def __init__(self, in_chans: int, embed_dim: int, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, embed_dim // 2, 3, stride=2, padding=1),
+            nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=2, padding=1),
+        )
+        self.norm = norm_layer(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class ConvDownsample(nn.Module):
+    """3x3 stride-2 convolution doubling the channels (no bias), then LayerNorm, on NHWC."""
+
+    def __init__(self, dim: int, out_dim: int, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, out_dim, 3, stride=2, padding=1, bias=False)
+        self.norm = norm_layer(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class NATBlock(nn.Module):
+    """Pre-norm transformer block: x + NA(LN(x)), then x + MLP(LN(x)), optional layer scale."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int = 7,
+        dilation: int = 1,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        layer_scale: float | None = None,
+        norm_layer=nn.LayerNorm,
+        dilation_policy: str = "error",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = NeighborhoodAttention2D(
+            dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+            dilation_policy=dilation_policy, backend=backend,
+        )
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class NATStage(nn.Module):
+    def __init__(self, dim: int, out_dim: int, depth: int, downsample: bool, dilations, drop_path, norm_layer,
+                 **block_kwargs):
+        super().__init__()
+        self.downsample = ConvDownsample(dim, out_dim, norm_layer) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            NATBlock(out_dim, dilation=dilations[i], drop_path=drop_path[i], norm_layer=norm_layer, **block_kwargs)
+            for i in range(depth)
+        ])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x)
+            return x
+        return self.blocks(x)
+
+
+class NAT(nn.Module):
+    """NAT / DiNAT backbone (DiNAT = NAT with per-block dilations).
+
+    Args:
+        embed_dim: stage-1 width; stage ``i`` has ``embed_dim * 2**i`` channels.
+        depths, num_heads: per stage.
+        dilations: per stage, a list with one dilation per block (None: all 1, plain NAT).
+        kernel_size: neighborhood size (7 in every released model).
+        layer_scale: initial LayerScale value, or None for none.
+        dilation_policy: ``"error"`` or ``"reduce"`` when an input is too small for a dilation
+            (official behaviour pads the input up to ``kernel_size * dilation``; see the attention module).
+        backend: attention backend, ``"auto" | "torch" | "triton"``.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 64,
+        depths: tuple[int, ...] = (3, 4, 6, 5),
+        num_heads: tuple[int, ...] = (2, 4, 8, 16),
+        dilations: list[list[int]] | None = None,
+        kernel_size: int = 7,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        layer_scale: float | None = None,
+        norm_layer=partial(nn.LayerNorm, eps=1e-5),
+        dilation_policy: str = "error",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool={global_pool!r}; NAT supports 'avg' or ''")
+        self.num_classes, self.global_pool = num_classes, global_pool
+        num_stages = len(depths)
+        dims = [int(embed_dim * 2**i) for i in range(num_stages)]
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.output_fmt = "NHWC"
+        dilations = dilations or [[1] * d for d in depths]
+        if [len(d) for d in dilations] != list(depths):
+            raise ValueError(f"dilations {dilations} must list one dilation per block of depths {depths}")
+        self.grad_checkpointing = False
+
+        self.stem = ConvTokenizer(in_chans, embed_dim, norm_layer)
+        rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]  # linear in depth
+        dpr = [rates[sum(depths[:i]): sum(depths[: i + 1])] for i in range(num_stages)]
+        self.stages = nn.Sequential(*[
+            NATStage(
+                dims[max(i - 1, 0)], dims[i], depths[i], downsample=i > 0, dilations=dilations[i], drop_path=dpr[i],
+                norm_layer=norm_layer, num_heads=num_heads[i], kernel_size=kernel_size, mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, layer_scale=layer_scale,
+                dilation_policy=dilation_policy, backend=backend,
+            )
+            for i in range(num_stages)
+        ])
+        self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(num_stages)]
+        self.norm = norm_layer(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {name for name, _ in self.named_parameters() if name.endswith(".rpb")}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool={global_pool!r}; NAT supports 'avg' or ''")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs (``indices`` into the stages), and the final normed features unless only
+        intermediates are asked for. ``output_fmt`` is ``"NCHW"`` or ``"NHWC"``."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt={output_fmt!r}; expected 'NCHW' or 'NHWC'")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        x = self.stem(x)
+        last = len(self.stages) - 1
+        stages = self.stages if not stop_early else self.stages[: max_index + 1]
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        if len(stages) == len(self.stages):
+            x = self.norm(x)
+        return x.permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed final-stage features, NCHW."""
+        return self.norm(self.stages(self.stem(x))).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict, model: NAT) -> dict:
+    """Official NAT/DiNAT keys -> ours.
+
+    ``levels.i.blocks.j`` -> ``stages.i.blocks.j``; ``levels.i.downsample`` -> ``stages.(i+1).downsample``;
+    ``patch_embed`` -> ``stem``; ``gamma1/2`` -> ``ls1/2.gamma``; NATTEN <= 0.14 named the bias ``attn.rpb``
+    as well, so no rename is needed there.
+    """
+    state_dict = state_dict.get("state_dict", state_dict.get("model", state_dict))
+    if any(k.startswith("stages.") for k in state_dict):
+        return state_dict  # already ours
+    out = {}
+    for key, value in state_dict.items():
+        key = key.replace("patch_embed.", "stem.")
+        key = re.sub(r"^levels\.(\d+)\.downsample\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample.", key)
+        key = re.sub(r"^levels\.(\d+)\.blocks\.", r"stages.\1.blocks.", key)
+        key = re.sub(r"\.gamma([12])$", r".ls\1.gamma", key)
+        out[key] = value
+    return out
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.proj.0",
+        "classifier": "head",
+        "license": "mit",
+        **kwargs,
+    }
+
+
+# Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
+default_cfgs = generate_default_cfgs({
+    "nat_mini.in1k": _cfg(paper_ids="arXiv:2204.07143"),
+    "nat_tiny.in1k": _cfg(paper_ids="arXiv:2204.07143"),
+    "nat_small.in1k": _cfg(paper_ids="arXiv:2204.07143"),
+    "nat_base.in1k": _cfg(paper_ids="arXiv:2204.07143"),
+    "dinat_mini.in1k": _cfg(paper_ids="arXiv:2209.15001"),
+    "dinat_tiny.in1k": _cfg(paper_ids="arXiv:2209.15001"),
+    "dinat_small.in1k": _cfg(paper_ids="arXiv:2209.15001"),
+    "dinat_base.in1k": _cfg(paper_ids="arXiv:2209.15001"),
+})
+
+
+def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        NAT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+# DiNAT's dilations per stage at 224 px: stage grids 56, 28, 14, 7 with kernel 7.
+_DINAT_DILATIONS = {
+    (3, 4, 6, 5): [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1] * 5],
+    (3, 4, 18, 5): [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5],
+}
+_ARCHS = {
+    "mini": dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3, drop_path_rate=0.2),
+    "tiny": dict(embed_dim=64, depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3, drop_path_rate=0.2),
+    "small": dict(embed_dim=96, depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2, drop_path_rate=0.3),
+    "base": dict(embed_dim=128, depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2, drop_path_rate=0.5),
+}
+
+
+def _nat(size: str, dilated: bool, layer_scale: float | None, pretrained: bool, kwargs: dict) -> NAT:
+    args = dict(_ARCHS[size], layer_scale=layer_scale)
+    if dilated:
+        args["dilations"] = _DINAT_DILATIONS[args["depths"]]
+    return _create_nat(f"{'dinat' if dilated else 'nat'}_{size}", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def nat_mini(pretrained: bool = False, **kwargs) -> NAT:
+    return _nat("mini", False, None, pretrained, kwargs)
+
+
+@register_model
+def nat_tiny(pretrained: bool = False, **kwargs) -> NAT:
+    return _nat("tiny", False, None, pretrained, kwargs)
+
+
+@register_model
+def nat_small(pretrained: bool = False, **kwargs) -> NAT:
+    return _nat("small", False, 1e-5, pretrained, kwargs)
+
+
+@register_model
+def nat_base(pretrained: bool = False, **kwargs) -> NAT:
+    return _nat("base", False, 1e-5, pretrained, kwargs)
+
+
+@register_model
+def dinat_mini(pretrained: bool = False, **kwargs) -> NAT:
+    return _nat("mini", True, None, pretrained, kwargs)
+
+
+@register_model
+def dinat_tiny(pretrained: bool = False, **kwargs) -> NAT:
+    return _nat("tiny", True, None, pretrained, kwargs)
+
+
+@register_model
+def dinat_small(pretrained: bool = False, **kwargs) -> NAT:
+    return _nat("small", True, None, pretrained, kwargs)
+
+
+@register_model
+def dinat_base(pretrained: bool = False, **kwargs) -> NAT:
+    return _nat("base", True, 1e-5, pretrained, kwargs)
