@@ -4,10 +4,9 @@ import itertools
 
 import pytest
 import torch
+from _fixtures import load
 
 from kernels import fit_dilation, neighborhood_attention2d, swin_table_to_rpb, window_attention2d
-
-from _fixtures import load
 
 
 def brute_neighbors(length: int, k: int, d: int) -> list[list[int]]:

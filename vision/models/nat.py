@@ -14,7 +14,6 @@ level) load through :func:`checkpoint_filter_fn`.
 from __future__ import annotations
 
 import re
-from functools import partial
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -149,7 +148,7 @@ class NAT(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
         layer_scale: float | None = None,
-        norm_layer=partial(nn.LayerNorm, eps=1e-5),
+        norm_layer=nn.LayerNorm,
         dilation_policy: str = "error",
         backend: str = "auto",
     ):

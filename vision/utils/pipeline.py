@@ -61,9 +61,8 @@ def apply_extras(cfg: DictConfig) -> None:
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
     if extras.get("print_config"):
-        from rich.syntax import Syntax
-
         from rich import print as rprint
+        from rich.syntax import Syntax
 
         rprint(Syntax(OmegaConf.to_yaml(cfg, resolve=False), "yaml", theme="ansi_dark"))
 
