@@ -8,3 +8,6 @@ where a fused kernel exists, takes ``backend="auto" | "torch" | "triton"``.
 from .neighborhood import NeighborhoodAttention2D
 
 __all__ = ["NeighborhoodAttention2D"]
+from .routing import AttentionLePE, BiLevelRoutingAttention
+
+__all__ += ["AttentionLePE", "BiLevelRoutingAttention"]
