@@ -11,3 +11,6 @@ __all__ = ["NeighborhoodAttention2D"]
 from .routing import AttentionLePE, BiLevelRoutingAttention
 
 __all__ += ["AttentionLePE", "BiLevelRoutingAttention"]
+from .hilo import HiLoAttention
+
+__all__ += ["HiLoAttention"]
