@@ -1,0 +1,327 @@
+"""LITv2: Fast Vision Transformers with HiLo Attention.
+
+Paper: "Fast Vision Transformers with HiLo Attention" (NeurIPS 2022, https://arxiv.org/abs/2205.13213).
+Architecture as in ziplab/LITv2 (classification/models): 4x4 patch embedding + LayerNorm; stages 1-2
+are attention-free (``x + DWMlp(LN(x))``, DWMlp = fc1 -> depthwise 3x3 -> GELU -> fc2); stage 3 uses
+HiLo with 2x2 windows, stage 4 HiLo with window 1 (plain global attention); deformable token merging
+(2x2/s2 deformable conv + BatchNorm + GELU, through ``torchvision.ops.deform_conv2d``) between stages;
+final LayerNorm, mean pool, head.
+
+Our layout follows timm: ``stem`` -> ``stages[i]`` (``downsample`` for i > 0, then ``blocks``) ->
+``norm`` -> ``head``; official checkpoints load through :func:`checkpoint_filter_fn`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+from torchvision.ops import deform_conv2d
+
+from ..attention import HiLoAttention
+
+__all__ = ["LITv2"]
+
+# Parameter counts of the official releases (paper, Table 2), checked by the model battery.
+PUBLISHED_PARAMS = {"litv2_small": 28e6, "litv2_medium": 49e6, "litv2_base": 87e6}
+
+
+class DWMlp(nn.Module):
+    """fc1 -> depthwise 3x3 conv -> GELU -> fc2, on NHWC."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dwconv(self.fc1(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.drop(self.fc2(self.drop(self.act(x))))
+
+
+class LITBlock(nn.Module):
+    """``x + HiLo(LN(x))`` (when the stage has attention), then ``x + DWMlp(LN(x))``. NHWC."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int | None, alpha: float, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        if window_size:
+            self.norm1 = nn.LayerNorm(dim)
+            self.attn = HiLoAttention(dim, num_heads, window_size, alpha, qkv_bias=qkv_bias)
+        else:
+            self.norm1 = self.attn = None  # attention-free early stages
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = DWMlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attn is not None:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class DeformableTokenMerging(nn.Module):
+    """2x2 stride-2 deformable conv (offsets from a plain 2x2/s2 conv, zero-initialised) + BN + GELU. NHWC."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, dim, 2, 2))
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.conv_offset = nn.Conv2d(dim, 2 * 2 * 2, 2, stride=2)  # (dy, dx) per kernel tap
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+        self.norm = nn.BatchNorm2d(out_dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2)
+        x = deform_conv2d(x, self.conv_offset(x), self.weight, self.bias, stride=2)
+        return self.act(self.norm(x)).permute(0, 2, 3, 1)
+
+
+class LITStage(nn.Module):
+    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, drop_path: list[float], **block_kwargs):
+        super().__init__()
+        self.downsample = DeformableTokenMerging(in_dim, dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[LITBlock(dim, drop_path=drop_path[i], **block_kwargs) for i in range(depth)])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x)
+            return x
+        return self.blocks(x)
+
+
+class LITv2(nn.Module):
+    """LITv2 backbone.
+
+    Args:
+        embed_dim: stage-1 width; stage ``i`` has ``embed_dim * 2**i`` channels.
+        depths, num_heads: per stage.
+        local_ws: HiLo window per stage; 0 means an attention-free stage.
+        alpha: fraction of Lo-Fi heads.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 96,
+        depths: tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: tuple[int, ...] = (3, 6, 12, 24),
+        local_ws: tuple[int, ...] = (0, 0, 2, 1),
+        alpha: float = 0.9,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+    ):
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool={global_pool!r}; LITv2 supports 'avg' or ''")
+        self.num_classes, self.global_pool = num_classes, global_pool
+        dims = [embed_dim * 2**i for i in range(len(depths))]
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.output_fmt = "NHWC"
+        self.grad_checkpointing = False
+
+        self.stem = nn.Conv2d(in_chans, embed_dim, 4, stride=4)
+        self.stem_norm = nn.LayerNorm(embed_dim)
+        rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]  # linear in depth
+        self.stages = nn.Sequential(*[
+            LITStage(
+                dims[max(i - 1, 0)], dims[i], depths[i], downsample=i > 0,
+                drop_path=rates[sum(depths[:i]): sum(depths[: i + 1])], num_heads=num_heads[i],
+                window_size=local_ws[i], alpha=alpha, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=proj_drop_rate,
+            )
+            for i in range(len(depths))
+        ])
+        self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(len(depths))]
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool={global_pool!r}; LITv2 supports 'avg' or ''")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem_norm(self.stem(x).permute(0, 2, 3, 1))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs (``indices`` into the stages) and the final normed features."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt={output_fmt!r}; expected 'NCHW' or 'NHWC'")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages if not stop_early else self.stages[: max_index + 1]
+        intermediates = []
+        x = self._stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        if len(stages) == len(self.stages):
+            x = self.norm(x)
+        return x.permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.stages(self._stem(x))).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict, model: LITv2) -> dict:
+    """Official LITv2 keys -> ours.
+
+    ``patch_embed.proj``/``patch_embed.norm`` -> ``stem``/``stem_norm``; ``layers.i.blocks`` ->
+    ``stages.i.blocks``; ``layers.i.downsample`` (DTM, at the end of a level) -> ``stages.(i+1).downsample``
+    with ``dconv.weight/bias`` -> ``weight/bias``, ``dconv.conv_offset`` -> ``conv_offset``,
+    ``norm_layer`` -> ``norm``; the MLP's ``dwconv.dwconv`` -> ``dwconv``.
+    """
+    state_dict = state_dict.get("state_dict", state_dict.get("model", state_dict))
+    if any(k.startswith("stages.") for k in state_dict):
+        return state_dict  # already ours
+    out = {}
+    for key, value in state_dict.items():
+        key = key.replace("patch_embed.proj.", "stem.").replace("patch_embed.norm.", "stem_norm.")
+        key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample.", key)
+        key = re.sub(r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks.", key)
+        key = key.replace(".downsample.dconv.conv_offset.", ".downsample.conv_offset.")
+        key = key.replace(".downsample.dconv.", ".downsample.").replace(".downsample.norm_layer.", ".downsample.norm.")
+        key = key.replace(".mlp.dwconv.dwconv.", ".mlp.dwconv.")
+        out[key] = value
+    return out
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem",
+        "classifier": "head",
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2205.13213",
+        **kwargs,
+    }
+
+
+# Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
+default_cfgs = generate_default_cfgs({
+    "litv2_small.in1k": _cfg(),
+    "litv2_medium.in1k": _cfg(),
+    "litv2_base.in1k": _cfg(),
+})
+
+
+def _create_litv2(variant: str, pretrained: bool = False, **kwargs) -> LITv2:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        LITv2, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+@register_model
+def litv2_small(pretrained: bool = False, **kwargs) -> LITv2:
+    args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2)
+    return _create_litv2("litv2_small", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def litv2_medium(pretrained: bool = False, **kwargs) -> LITv2:
+    args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3)
+    return _create_litv2("litv2_medium", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def litv2_base(pretrained: bool = False, **kwargs) -> LITv2:
+    args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5)
+    return _create_litv2("litv2_base", pretrained, **dict(args, **kwargs))
