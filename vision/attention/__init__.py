@@ -5,12 +5,8 @@ Every module maps a channels-last token grid ``[B, H, W, C] -> [B, H, W, C]``
 where a fused kernel exists, takes ``backend="auto" | "torch" | "triton"``.
 """
 
+from .hilo import HiLoAttention
 from .neighborhood import NeighborhoodAttention2D
-
-__all__ = ["NeighborhoodAttention2D"]
 from .routing import AttentionLePE, BiLevelRoutingAttention
 
-__all__ += ["AttentionLePE", "BiLevelRoutingAttention"]
-from .hilo import HiLoAttention
-
-__all__ += ["HiLoAttention"]
+__all__ = ["AttentionLePE", "BiLevelRoutingAttention", "HiLoAttention", "NeighborhoodAttention2D"]
