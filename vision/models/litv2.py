@@ -84,7 +84,10 @@ class DeformableTokenMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
-        x = deform_conv2d(x, self.conv_offset(x), self.weight, self.bias, stride=2)
+        offset = self.conv_offset(x)
+        # torchvision's CPU kernel has no bf16: the merge runs in fp32 even under autocast
+        with torch.autocast(x.device.type, enabled=False):
+            x = deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(), stride=2)
         return self.act(self.norm(x)).permute(0, 2, 3, 1)
 
 
