@@ -16,12 +16,12 @@ import re
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath, Mlp
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from ..attention import AttentionLePE, BiLevelRoutingAttention
+from ._pyramid import PyramidBackbone, Stage, drop_path_rates
 
 __all__ = ["BiFormer"]
 
@@ -66,26 +66,7 @@ class BiFormerBlock(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class BiFormerStage(nn.Module):
-    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, drop_path: list[float], **block_kwargs):
-        super().__init__()
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(in_dim, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim)) if downsample
-            else nn.Identity()
-        )
-        self.blocks = nn.Sequential(*[BiFormerBlock(dim, drop_path=drop_path[i], **block_kwargs) for i in range(depth)])
-        self.grad_checkpointing = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            for block in self.blocks:
-                x = checkpoint(block, x)
-            return x
-        return self.blocks(x)
-
-
-class BiFormer(nn.Module):
+class BiFormer(PyramidBackbone):
     """BiFormer backbone.
 
     Args:
@@ -116,13 +97,7 @@ class BiFormer(nn.Module):
         mask_padding: bool = False,
     ):
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool={global_pool!r}; BiFormer supports 'avg' or ''")
-        self.num_classes, self.global_pool = num_classes, global_pool
         qk_dims = qk_dims or embed_dims
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.grad_checkpointing = False
-
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1),
             nn.BatchNorm2d(embed_dims[0] // 2),
@@ -130,113 +105,27 @@ class BiFormer(nn.Module):
             nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
             nn.BatchNorm2d(embed_dims[0]),
         )
-        rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]  # linear in depth
+        dpr = drop_path_rates(drop_path_rate, depths)
         self.stages = nn.Sequential(*[
-            BiFormerStage(
-                embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], downsample=i > 0,
-                drop_path=rates[sum(depths[:i]): sum(depths[: i + 1])],
-                num_heads=qk_dims[i] // head_dim, topk=topks[i], n_win=n_win, qk_dim=qk_dims[i],
-                mlp_ratio=mlp_ratio, side_dwconv=side_dwconv, mask_padding=mask_padding,
+            Stage(
+                nn.Sequential(nn.Conv2d(embed_dims[i - 1], embed_dims[i], 3, stride=2, padding=1),
+                              nn.BatchNorm2d(embed_dims[i])) if i > 0 else nn.Identity(),
+                [
+                    BiFormerBlock(
+                        embed_dims[i], qk_dims[i] // head_dim, topks[i], n_win, qk_dims[i], mlp_ratio, side_dwconv,
+                        dpr[i][j], mask_padding,
+                    )
+                    for j in range(depths[i])
+                ],
             )
             for i in range(len(depths))
         ])
         self.feature_info = [
             dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(len(depths))
         ]
-        self.norm = nn.BatchNorm2d(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()  # no position tables; norms and biases are excluded by the optimizer factory
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool={global_pool!r}; BiFormer supports 'avg' or ''")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (``indices`` into the stages) and the final normed features."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt={output_fmt!r}; expected 'NCHW' or 'NHWC'")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last = len(self.stages) - 1
-        stages = self.stages if not stop_early else self.stages[: max_index + 1]
-        intermediates = []
-        x = self.stem(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == "NHWC" else y)
-        if intermediates_only:
-            return intermediates
-        if len(stages) == len(self.stages):
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        self.norm = nn.BatchNorm2d(embed_dims[-1])
+        self.init_head(embed_dims[-1], num_classes, global_pool, drop_rate)
+        self.apply(self.init_linear)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: BiFormer) -> dict:

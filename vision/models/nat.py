@@ -17,12 +17,12 @@ import re
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath, LayerScale, Mlp
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from ..attention import NeighborhoodAttention2D
+from ._pyramid import PyramidBackbone, Stage, drop_path_rates
 
 __all__ = ["NAT"]
 
@@ -97,27 +97,7 @@ class NATBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class NATStage(nn.Module):
-    def __init__(self, dim: int, out_dim: int, depth: int, downsample: bool, dilations, drop_path, norm_layer,
-                 **block_kwargs):
-        super().__init__()
-        self.downsample = ConvDownsample(dim, out_dim, norm_layer) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            NATBlock(out_dim, dilation=dilations[i], drop_path=drop_path[i], norm_layer=norm_layer, **block_kwargs)
-            for i in range(depth)
-        ])
-        self.grad_checkpointing = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            for block in self.blocks:
-                x = checkpoint(block, x)
-            return x
-        return self.blocks(x)
-
-
-class NAT(nn.Module):
+class NAT(PyramidBackbone):
     """NAT / DiNAT backbone (DiNAT = NAT with per-block dilations).
 
     Args:
@@ -130,6 +110,8 @@ class NAT(nn.Module):
             (official behaviour pads the input up to ``kernel_size * dilation``; see the attention module).
         backend: attention backend, ``"auto" | "torch" | "triton"``.
     """
+
+    channels_last = True
 
     def __init__(
         self,
@@ -153,127 +135,35 @@ class NAT(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool={global_pool!r}; NAT supports 'avg' or ''")
-        self.num_classes, self.global_pool = num_classes, global_pool
-        num_stages = len(depths)
-        dims = [int(embed_dim * 2**i) for i in range(num_stages)]
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.output_fmt = "NHWC"
+        dims = [int(embed_dim * 2**i) for i in range(len(depths))]
         dilations = dilations or [[1] * d for d in depths]
         if [len(d) for d in dilations] != list(depths):
             raise ValueError(f"dilations {dilations} must list one dilation per block of depths {depths}")
-        self.grad_checkpointing = False
+        self.output_fmt = "NHWC"
 
         self.stem = ConvTokenizer(in_chans, embed_dim, norm_layer)
-        rates = [drop_path_rate * i / max(1, sum(depths) - 1) for i in range(sum(depths))]  # linear in depth
-        dpr = [rates[sum(depths[:i]): sum(depths[: i + 1])] for i in range(num_stages)]
+        dpr = drop_path_rates(drop_path_rate, depths)
         self.stages = nn.Sequential(*[
-            NATStage(
-                dims[max(i - 1, 0)], dims[i], depths[i], downsample=i > 0, dilations=dilations[i], drop_path=dpr[i],
-                norm_layer=norm_layer, num_heads=num_heads[i], kernel_size=kernel_size, mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, layer_scale=layer_scale,
-                dilation_policy=dilation_policy, backend=backend,
+            Stage(
+                ConvDownsample(dims[i - 1], dims[i], norm_layer) if i > 0 else nn.Identity(),
+                [
+                    NATBlock(
+                        dims[i], num_heads[i], kernel_size, dilations[i][j], mlp_ratio, qkv_bias, proj_drop_rate,
+                        attn_drop_rate, dpr[i][j], layer_scale, norm_layer, dilation_policy, backend,
+                    )
+                    for j in range(depths[i])
+                ],
             )
-            for i in range(num_stages)
+            for i in range(len(depths))
         ])
-        self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(num_stages)]
-        self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(len(depths))]
+        self.norm = norm_layer(dims[-1])
+        self.init_head(dims[-1], num_classes, global_pool, drop_rate)
+        self.apply(self.init_linear)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if name.endswith(".rpb")}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool={global_pool!r}; NAT supports 'avg' or ''")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (``indices`` into the stages), and the final normed features unless only
-        intermediates are asked for. ``output_fmt`` is ``"NCHW"`` or ``"NHWC"``."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt={output_fmt!r}; expected 'NCHW' or 'NHWC'")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(x)
-        last = len(self.stages) - 1
-        stages = self.stages if not stop_early else self.stages[: max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
-        if intermediates_only:
-            return intermediates
-        if len(stages) == len(self.stages):
-            x = self.norm(x)
-        return x.permute(0, 3, 1, 2), intermediates
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normed final-stage features, NCHW."""
-        return self.norm(self.stages(self.stem(x))).permute(0, 3, 1, 2)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: dict, model: NAT) -> dict:
