@@ -83,11 +83,11 @@ class ClassificationModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def _unpack(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = batch
         if self.hparams.channels_last:
-            images, targets = batch
-            batch = images.contiguous(memory_format=torch.channels_last), targets
-        return batch
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -103,7 +103,7 @@ class ClassificationModule(L.LightningModule):
     # ---- training -------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, targets = batch
+        images, targets = self._unpack(batch)
         if self.mixup is not None:
             images, soft_targets = self.mixup(images, targets)
             loss = SoftTargetCrossEntropy()(self.model(images), soft_targets)
@@ -129,7 +129,7 @@ class ClassificationModule(L.LightningModule):
     # ---- evaluation -----------------------------------------------------------------------------
 
     def _evaluate(self, batch, loss_metric, acc, acc5, prefix: str) -> None:
-        images, targets = batch
+        images, targets = self._unpack(batch)
         logits = self.eval_model(images)
         loss_metric(F.cross_entropy(logits, targets))
         acc(logits, targets)
