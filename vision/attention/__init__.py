@@ -6,7 +6,16 @@ where a fused kernel exists, takes ``backend="auto" | "torch" | "triton"``.
 """
 
 from .hilo import HiLoAttention
+from .linear import LinearAttention
 from .neighborhood import NeighborhoodAttention2D
 from .routing import AttentionLePE, BiLevelRoutingAttention
+from .window import WindowAttention
 
-__all__ = ["AttentionLePE", "BiLevelRoutingAttention", "HiLoAttention", "NeighborhoodAttention2D"]
+__all__ = [
+    "AttentionLePE",
+    "BiLevelRoutingAttention",
+    "HiLoAttention",
+    "LinearAttention",
+    "NeighborhoodAttention2D",
+    "WindowAttention",
+]

@@ -25,8 +25,8 @@ from ._pyramid import PyramidBackbone, Stage, drop_path_rates
 
 __all__ = ["BiFormer"]
 
-# Parameter counts of the official releases (paper, Table 1), checked by the model battery.
-PUBLISHED_PARAMS = {"biformer_tiny": 13.1e6, "biformer_small": 25.5e6, "biformer_base": 56.8e6}
+# Parameter counts as the papers print them (rounded) (paper, Table 1), checked by the model battery.
+PUBLISHED_PARAMS = {"biformer_tiny": "13.1M", "biformer_small": "25.5M", "biformer_base": "56.8M"}
 
 
 class BiFormerBlock(nn.Module):

@@ -27,8 +27,8 @@ from ._pyramid import PyramidBackbone, Stage, drop_path_rates
 
 __all__ = ["LITv2"]
 
-# Parameter counts of the official releases (paper, Table 2), checked by the model battery.
-PUBLISHED_PARAMS = {"litv2_small": 28e6, "litv2_medium": 49e6, "litv2_base": 87e6}
+# Parameter counts as the papers print them (rounded) (paper, Table 2), checked by the model battery.
+PUBLISHED_PARAMS = {"litv2_small": "28M", "litv2_medium": "49M", "litv2_base": "87M"}
 
 
 class DWMlp(nn.Module):

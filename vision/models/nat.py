@@ -26,10 +26,10 @@ from ._pyramid import PyramidBackbone, Stage, drop_path_rates
 
 __all__ = ["NAT"]
 
-# Parameter counts of the official releases (papers' tables, millions), checked by the model battery.
+# Parameter counts as the papers print them (rounded) (papers' tables, millions), checked by the model battery.
 PUBLISHED_PARAMS = {
-    "nat_mini": 20e6, "nat_tiny": 28e6, "nat_small": 51e6, "nat_base": 90e6,
-    "dinat_mini": 20e6, "dinat_tiny": 28e6, "dinat_small": 51e6, "dinat_base": 90e6,
+    "nat_mini": "20M", "nat_tiny": "28M", "nat_small": "51M", "nat_base": "90M",
+    "dinat_mini": "20M", "dinat_tiny": "28M", "dinat_small": "51M", "dinat_base": "90M",
 }
 
 
