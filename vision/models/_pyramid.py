@@ -10,10 +10,42 @@ permuted to NCHW at the edges).
 from __future__ import annotations
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import checkpoint
+from timm.models import build_model_with_cfg, checkpoint
 from timm.models._features import feature_take_indices
 from torch import nn
+
+
+def imagenet_cfg(**kwargs) -> dict:
+    """A timm pretrained-cfg entry for a 224-px ImageNet-1k release with a stride-32 pyramid.
+
+    No URL: weights load only from a local file (``pretrained_cfg_overlay=dict(file=path)``).
+    """
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "classifier": "head",
+        **kwargs,
+    }
+
+
+def build_pyramid(model_cls, variant: str, pretrained: bool, filter_fn, **kwargs) -> nn.Module:
+    """``build_model_with_cfg`` with the family's checkpoint filter; ``features_only`` goes through
+    ``forward_intermediates`` (timm's ``getter`` feature wrapper)."""
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        model_cls, variant, pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
 
 
 def drop_path_rates(rate: float, depths) -> list[list[float]]:

@@ -15,13 +15,12 @@ from __future__ import annotations
 import re
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..attention import AttentionLePE, BiLevelRoutingAttention
-from ._pyramid import PyramidBackbone, Stage, drop_path_rates
+from ._pyramid import PyramidBackbone, Stage, build_pyramid, drop_path_rates, imagenet_cfg
 
 __all__ = ["BiFormer"]
 
@@ -150,21 +149,7 @@ def checkpoint_filter_fn(state_dict: dict, model: BiFormer) -> dict:
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2303.08810",
-        **kwargs,
-    }
+    return imagenet_cfg(first_conv="stem.0", license="mit", paper_ids="arXiv:2303.08810", **kwargs)
 
 
 # Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
@@ -176,13 +161,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        BiFormer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    return build_pyramid(BiFormer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model

@@ -17,13 +17,12 @@ import re
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..attention import LinearAttention, WindowAttention
-from ._pyramid import PyramidBackbone, Stage, drop_path_rates
+from ._pyramid import PyramidBackbone, Stage, build_pyramid, drop_path_rates, imagenet_cfg
 
 __all__ = ["L2ViT"]
 
@@ -202,20 +201,7 @@ def checkpoint_filter_fn(state_dict: dict, model: L2ViT) -> dict:
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0",
-        "classifier": "head",
-        "paper_ids": "arXiv:2501.16182",
-        **kwargs,
-    }
+    return imagenet_cfg(first_conv="stem.0", paper_ids="arXiv:2501.16182", **kwargs)
 
 
 # Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
@@ -227,13 +213,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_l2vit(variant: str, pretrained: bool = False, **kwargs) -> L2ViT:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        L2ViT, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    return build_pyramid(L2ViT, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model

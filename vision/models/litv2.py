@@ -16,14 +16,13 @@ from __future__ import annotations
 import re
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 from torchvision.ops import deform_conv2d
 
 from ..attention import HiLoAttention
-from ._pyramid import PyramidBackbone, Stage, drop_path_rates
+from ._pyramid import PyramidBackbone, Stage, build_pyramid, drop_path_rates, imagenet_cfg
 
 __all__ = ["LITv2"]
 
@@ -168,21 +167,7 @@ def checkpoint_filter_fn(state_dict: dict, model: LITv2) -> dict:
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem",
-        "classifier": "head",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2205.13213",
-        **kwargs,
-    }
+    return imagenet_cfg(first_conv="stem", license="apache-2.0", paper_ids="arXiv:2205.13213", **kwargs)
 
 
 # Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
@@ -194,13 +179,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_litv2(variant: str, pretrained: bool = False, **kwargs) -> LITv2:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        LITv2, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    return build_pyramid(LITv2, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model

@@ -16,13 +16,12 @@ from __future__ import annotations
 import re
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..attention import NeighborhoodAttention2D
-from ._pyramid import PyramidBackbone, Stage, drop_path_rates
+from ._pyramid import PyramidBackbone, Stage, build_pyramid, drop_path_rates, imagenet_cfg
 
 __all__ = ["NAT"]
 
@@ -187,20 +186,7 @@ def checkpoint_filter_fn(state_dict: dict, model: NAT) -> dict:
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.proj.0",
-        "classifier": "head",
-        "license": "mit",
-        **kwargs,
-    }
+    return imagenet_cfg(first_conv="stem.proj.0", license="mit", **kwargs)
 
 
 # Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
@@ -217,13 +203,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        NAT, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    return build_pyramid(NAT, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 # DiNAT's dilations per stage at 224 px: stage grids 56, 28, 14, 7 with kernel 7.
