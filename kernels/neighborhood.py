@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_qkv, pair
+
 __all__ = ["neighborhood_attention2d", "neighborhood_indices", "fit_dilation"]
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def neighborhood_indices(length: int, kernel_size: int, dilation: int = 1, device=None) -> torch.Tensor:
@@ -43,7 +41,7 @@ def fit_dilation(size: tuple[int, int], kernel_size, dilation, policy: str = "er
     ``policy="error"`` raises naming the sizes; ``policy="reduce"`` lowers the dilation of that axis to
     ``side // k`` for this input only (detection-sized inputs with DiNAT's large dilations, NAT #106).
     """
-    kernel_size, dilation = _pair(kernel_size), _pair(dilation)
+    kernel_size, dilation = pair(kernel_size), pair(dilation)
     out = []
     for side, k, d, axis in zip(size, kernel_size, dilation, ("height", "width")):
         if k > side:
@@ -86,13 +84,9 @@ def neighborhood_attention2d(
     Returns:
         ``[B, H, W, heads, D]``.
     """
-    if q.ndim != 5 or q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"q, k, v must share one [B, H, W, heads, D] shape; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend={backend!r}: only 'auto' and 'torch' are available")
+    check_qkv(q, k, v, backend)
     _, H, W, heads, D = q.shape
-    (kh, kw), (dh, dw) = _pair(kernel_size), fit_dilation((H, W), kernel_size, dilation, dilation_policy)
+    (kh, kw), (dh, dw) = pair(kernel_size), fit_dilation((H, W), kernel_size, dilation, dilation_policy)
     if rpb is not None and tuple(rpb.shape) != (heads, 2 * kh - 1, 2 * kw - 1):
         raise ValueError(f"rpb must be [heads, 2k-1, 2k-1] = {[heads, 2 * kh - 1, 2 * kw - 1]}, got {list(rpb.shape)}")
     scale = D**-0.5 if scale is None else scale

@@ -15,17 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_qkv, pair
+
 __all__ = ["window_attention2d", "swin_table_to_rpb"]
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def swin_table_to_rpb(table: torch.Tensor, window_size: int | tuple[int, int]) -> torch.Tensor:
     """A Swin ``relative_position_bias_table`` ``[(2wh-1)(2ww-1), heads]`` (indexed by query - key)
     as an ``rpb`` tensor ``[heads, 2wh-1, 2ww-1]`` (indexed by key - query)."""
-    wh, ww = _pair(window_size)
+    wh, ww = pair(window_size)
     return table.view(2 * wh - 1, 2 * ww - 1, -1).permute(2, 0, 1).flip(1, 2)
 
 
@@ -71,13 +69,9 @@ def window_attention2d(
     Returns:
         ``[B, H, W, heads, D]``.
     """
-    if q.ndim != 5 or q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"q, k, v must share one [B, H, W, heads, D] shape; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend={backend!r}: only 'auto' and 'torch' are available")
+    check_qkv(q, k, v, backend)
     B, H, W, heads, D = q.shape
-    (wh, ww), (sh, sw) = _pair(window_size), _pair(shift_size)
+    (wh, ww), (sh, sw) = pair(window_size), pair(shift_size)
     if not (0 <= sh < wh and 0 <= sw < ww):
         raise ValueError(f"shift_size {(sh, sw)} must lie in [0, window_size {(wh, ww)})")
     if rpb is not None and tuple(rpb.shape) != (heads, 2 * wh - 1, 2 * ww - 1):
