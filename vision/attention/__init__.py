@@ -5,6 +5,7 @@ Every module maps a channels-last token grid ``[B, H, W, C] -> [B, H, W, C]``
 where a fused kernel exists, takes ``backend="auto" | "torch" | "triton"``.
 """
 
+from .agent import AgentAttention, ClassAgentAttention
 from .hilo import HiLoAttention
 from .linear import LinearAttention
 from .neighborhood import NeighborhoodAttention2D
@@ -12,8 +13,10 @@ from .routing import AttentionLePE, BiLevelRoutingAttention
 from .window import WindowAttention
 
 __all__ = [
+    "AgentAttention",
     "AttentionLePE",
     "BiLevelRoutingAttention",
+    "ClassAgentAttention",
     "HiLoAttention",
     "LinearAttention",
     "NeighborhoodAttention2D",

@@ -1,0 +1,334 @@
+"""Agent-DeiT: DeiT with agent attention.
+
+Paper: "Agent Attention: On the Integration of Softmax and Linear Attention" (ECCV 2024,
+https://arxiv.org/abs/2312.08874). Architecture as in LeapLabTHU/Agent-Attention
+(agent_transformer/models/agent_deit.py, cfgs/agent_deit_{t,s,b}.yaml): a DeiT (patch 16, class token,
+learnt position embedding, pre-norm blocks with LayerNorm eps 1e-6, class-token head) whose first
+``agent_layer`` blocks (all by default; 4 in Agent-DeiT-B) use agent attention with the class token
+kept out of the pooling; the rest use plain multi-head attention. Agents per block follow the official
+four-group rule (blocks 0-1, 2-3, 4-9, 10-11 take ``agent_num[0..3]``); the releases use 49 (81 for B).
+
+Like timm's ViTs, ``forward_features`` returns the normed token sequence ``[B, 1 + H*W, C]`` and
+``forward_intermediates`` NCHW patch-token maps. Any input size runs: the image is zero-padded to a
+multiple of the patch, and the position embedding and agent biases are resized bilinearly to the grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Attention, DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from ..attention import ClassAgentAttention
+from ..attention.agent import split_official_qkv
+
+__all__ = ["AgentDeiT"]
+
+# Parameter counts as the paper prints them (Agent-Attention README), checked by the model battery.
+PUBLISHED_PARAMS = {"agent_deit_tiny": "6.0M", "agent_deit_small": "22.7M", "agent_deit_base": "87.2M"}
+
+# official rule: block i takes agent_num[_AGENT_GROUP[i // 2]]
+_AGENT_GROUP = {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3}
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block whose attention is agent attention (with the grid size) or plain MHSA."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        agent_num: int | None,
+        bias_size: tuple[int, int],
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.agent = agent_num is not None
+        if self.agent:
+            self.attn = ClassAgentAttention(
+                dim, num_heads, agent_num, bias_size, qkv_bias, attn_drop, proj_drop
+            )
+        else:
+            self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.drop_path(self.attn(y, size) if self.agent else self.attn(y))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class AgentDeiT(nn.Module):
+    """Agent-DeiT.
+
+    Args:
+        img_size: training resolution (sets the position-embedding and agent-bias grids; any size runs).
+        embed_dim, depth, num_heads: ViT width, blocks, heads.
+        agent_num: agents per block group (4 values, or one int); strings accepted as in the official configs.
+        agent_layer: the first ``agent_layer`` blocks use agent attention (``<= 0``: all).
+        global_pool: ``"token"`` (class token, official), ``"avg"`` (mean of patch tokens) or ``""``.
+    """
+
+    num_prefix_tokens = 1
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        agent_num: int | str | tuple[int | str, ...] = 49,
+        agent_layer: int = -1,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self._check_pool(global_pool)
+        agent_num = [agent_num] * 4 if isinstance(agent_num, (int, str)) else list(agent_num)
+        agent_layer = agent_layer if agent_layer > 0 else depth
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.grid = tuple(s // patch_size for s in to_2tuple(img_size))
+        self.grad_checkpointing = False
+
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    embed_dim,
+                    num_heads,
+                    int(agent_num[_AGENT_GROUP[min(i // 2, 5)]]) if i < agent_layer else None,
+                    self.grid,
+                    mlp_ratio,
+                    qkv_bias,
+                    proj_drop_rate,
+                    attn_drop_rate,
+                    dpr[i],
+                )
+                for i in range(depth)
+            ]
+        )
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
+        ]
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _check_pool(global_pool: str) -> None:
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool={global_pool!r}; AgentDeiT supports 'token', 'avg' or ''")
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self._check_pool(global_pool)
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        p = self.patch_size
+        x = self.patch_embed.proj(F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p)))
+        size = tuple(x.shape[-2:])
+        pos_cls, pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        if size != self.grid:  # official resize_pos_embed: bilinear, class-token entry untouched
+            pos = pos.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
+            pos = F.interpolate(pos, size=size, mode="bilinear").flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+        return self.pos_drop(x + torch.cat([pos_cls, pos], dim=1)), size
+
+    def _block(self, block: nn.Module, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(block, x, size)
+        return block(x, size)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed tokens ``[B, 1 + H*W, C]`` (class token first)."""
+        x, size = self._embed(x)
+        for block in self.blocks:
+            x = self._block(block, x, size)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Block outputs (``indices`` into the blocks) as NCHW patch maps (or ``NLC`` tokens) and, unless
+        ``intermediates_only``, the final normed tokens as ``forward_features`` gives them."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}; expected 'NCHW' or 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        blocks = self.blocks if not stop_early else self.blocks[: max_index + 1]
+        x, (H, W) = self._embed(x)
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = self._block(block, x, (H, W))
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                prefix, tokens = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens :]
+                if output_fmt == "NCHW":
+                    tokens = tokens.transpose(1, 2).reshape(y.shape[0], -1, H, W)
+                intermediates.append((tokens, prefix) if return_prefix_tokens else tokens)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+def checkpoint_filter_fn(state_dict: dict, model: AgentDeiT) -> dict:
+    """Official Agent-DeiT keys -> ours: agent attention's fused ``qkv`` -> ``q`` + ``kv`` (other names
+    are the same); a position embedding for another grid is resized bilinearly."""
+    state_dict = state_dict.get("state_dict", state_dict.get("model", state_dict))
+    out = dict(state_dict)
+    for i, block in enumerate(model.blocks):
+        if block.agent:
+            out = split_official_qkv(out, f"blocks.{i}.attn.")
+    pos = out.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape:
+        side = math.isqrt(pos.shape[1] - 1)
+        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=model.grid, mode="bilinear").flatten(2).transpose(1, 2)
+        out["pos_embed"] = torch.cat([pos[:, :1], grid], dim=1)
+    return out
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "paper_ids": "arXiv:2312.08874",
+        **kwargs,
+    }
+
+
+# Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
+default_cfgs = generate_default_cfgs(
+    {
+        "agent_deit_tiny.in1k": _cfg(),
+        "agent_deit_small.in1k": _cfg(),
+        "agent_deit_base.in1k": _cfg(),
+    }
+)
+
+
+def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentDeiT:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        AgentDeiT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+@register_model
+def agent_deit_tiny(pretrained: bool = False, **kwargs) -> AgentDeiT:
+    args = dict(embed_dim=192, depth=12, num_heads=3, agent_num=49)
+    return _create_agent_deit("agent_deit_tiny", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def agent_deit_small(pretrained: bool = False, **kwargs) -> AgentDeiT:
+    args = dict(embed_dim=384, depth=12, num_heads=6, agent_num=49)
+    return _create_agent_deit("agent_deit_small", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def agent_deit_base(pretrained: bool = False, **kwargs) -> AgentDeiT:
+    args = dict(embed_dim=768, depth=12, num_heads=12, agent_num=81, agent_layer=4)
+    return _create_agent_deit("agent_deit_base", pretrained, **dict(args, **kwargs))
