@@ -10,6 +10,7 @@ from .hilo import HiLoAttention
 from .linear import LinearAttention
 from .neighborhood import NeighborhoodAttention2D
 from .routing import AttentionLePE, BiLevelRoutingAttention
+from .vsa import VSAWindowAttention
 from .window import WindowAttention
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "HiLoAttention",
     "LinearAttention",
     "NeighborhoodAttention2D",
+    "VSAWindowAttention",
     "WindowAttention",
 ]
