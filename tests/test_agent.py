@@ -169,3 +169,25 @@ def test_deit_vit_contract():
     features = timm.create_model("agent_deit_tiny", features_only=True, depth=3, embed_dim=48).eval()
     with torch.no_grad():
         assert [f.shape for f in features(x)] == [(2, 48, 5, 6)] * 3
+
+
+# Counted on the official models (LeapLabTHU/Agent-Attention@207ce3e, the released configs).
+OFFICIAL_COUNTS = {
+    "agent_swin_tiny": 28_902_964,
+    "agent_swin_small": 49_666_684,
+    "agent_swin_base": 88_095_096,
+    "agent_pvt_tiny": 11_570_352,
+    "agent_pvt_small": 20_635_066,
+    "agent_pvt_medium": 35_921_746,
+    "agent_pvt_large": 48_738_180,
+    "agent_deit_tiny": 6_015_640,
+    "agent_deit_small": 22_647_112,
+    "agent_deit_base": 87_204_904,
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_COUNTS))
+def test_parameter_counts_equal_official(name):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_COUNTS[name]

@@ -140,9 +140,9 @@ class AgentAttention(nn.Module):
         agents = agents.reshape(B, -1, heads, d).transpose(1, 2)  # [B, heads, n, d]
         q = q.view(B, N, heads, d).transpose(1, 2)
 
-        agent_attn = ((agents * self.scale) @ k.transpose(-2, -1) + self.agent_to_key_bias(kh, kw)).softmax(
-            -1
-        )
+        # agents gather from the keys, then the queries read from the agents
+        agent_logits = (agents * self.scale) @ k.transpose(-2, -1) + self.agent_to_key_bias(kh, kw)
+        agent_attn = agent_logits.softmax(-1)
         agent_v = self.attn_drop(agent_attn) @ v
         q_attn = ((q * self.scale) @ agents.transpose(-2, -1) + self.query_to_agent_bias(H, W)).softmax(-1)
         out = (self.attn_drop(q_attn) @ agent_v).transpose(1, 2).reshape(B, N, C)
