@@ -54,12 +54,14 @@ def test_tiny_model_matches_official(tmp_path):
 
 
 def test_linear_attention_stays_fp32_under_autocast():
+    torch.manual_seed(0)
     layer = LinearAttention(32, 2)
-    x = torch.rand(1, 16, 16, 32) * 50  # large sums, where half precision would lose the normalisation
+    x = torch.rand(1, 16, 16, 32) * 50  # K^T V sums over 256 tokens pass fp16's 65504: a half core overflows
     expected = layer(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.float16):
         out = layer(x)
-    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    assert out.dtype == torch.float16 and out.isfinite().all()
+    assert (out.float() - expected).norm() / expected.norm() < 1e-2
 
 
 def test_blocks_alternate_local_and_global():
