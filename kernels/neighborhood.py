@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _checks
 from ._checks import check_qkv, pair
 
 __all__ = ["neighborhood_attention2d", "neighborhood_indices", "fit_dilation"]
@@ -78,7 +79,7 @@ def neighborhood_attention2d(
         kernel_size, dilation: ints or ``(height, width)`` pairs.
         rpb: additive relative position bias ``[heads, 2*kh-1, 2*kw-1]`` or None.
         scale: logit scale, default ``D ** -0.5``.
-        backend: ``"auto"`` | ``"torch"`` (``"auto"`` is torch until the fused kernel is registered).
+        backend: ``"auto"`` (Triton for CUDA tensors it supports, else torch) | ``"torch"`` | ``"triton"``.
         dilation_policy: ``"error"`` or ``"reduce"`` when ``kernel_size*dilation`` exceeds a side.
         dropout_p: dropout on the attention weights (pass 0 in eval).
     Returns:
@@ -90,6 +91,8 @@ def neighborhood_attention2d(
     if rpb is not None and tuple(rpb.shape) != (heads, 2 * kh - 1, 2 * kw - 1):
         raise ValueError(f"rpb must be [heads, 2k-1, 2k-1] = {[heads, 2 * kh - 1, 2 * kw - 1]}, got {list(rpb.shape)}")
     scale = D**-0.5 if scale is None else scale
+    if _checks.use_triton(q, backend, dropout_p):
+        return _checks.triton_windowed.windowed_attention(q, k, v, rpb, (kh, kw), (dh, dw), (0, 0), False, scale)
 
     rows = neighborhood_indices(H, kh, dh, q.device)  # [H, kh]
     cols = neighborhood_indices(W, kw, dw, q.device)  # [W, kw]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _checks
 from ._checks import check_qkv, pair
 
 __all__ = ["window_attention2d", "swin_table_to_rpb"]
@@ -64,7 +65,7 @@ def window_attention2d(
         window_size, shift_size: ints or ``(height, width)`` pairs; ``0 <= shift < window``.
         rpb: additive relative position bias ``[heads, 2*wh-1, 2*ww-1]`` or None.
         scale: logit scale, default ``D ** -0.5``.
-        backend: ``"auto"`` | ``"torch"``.
+        backend: ``"auto"`` (Triton for CUDA tensors it supports, else torch) | ``"torch"`` | ``"triton"``.
         dropout_p: dropout on the attention weights (pass 0 in eval).
     Returns:
         ``[B, H, W, heads, D]``.
@@ -77,6 +78,8 @@ def window_attention2d(
     if rpb is not None and tuple(rpb.shape) != (heads, 2 * wh - 1, 2 * ww - 1):
         raise ValueError(f"rpb must be [heads, 2w-1, 2w-1] = {[heads, 2 * wh - 1, 2 * ww - 1]}, got {list(rpb.shape)}")
     scale = D**-0.5 if scale is None else scale
+    if _checks.use_triton(q, backend, dropout_p):  # pads, rolls and masks inside the kernel
+        return _checks.triton_windowed.windowed_attention(q, k, v, rpb, (wh, ww), (1, 1), (sh, sw), True, scale)
 
     pad_h, pad_w = -H % wh, -W % ww
     Hp, Wp = H + pad_h, W + pad_w
