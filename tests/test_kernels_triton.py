@@ -1,0 +1,160 @@
+"""Fused Triton kernels against the torch references: outputs and every gradient, fp32 and fp16.
+
+Without a GPU the kernels run in Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``), about 8 ms
+per program, so the grids are small but cover several tiles, odd non-square sizes, dilation, even kernel
+sizes, padding, shift and RPB. The reference always runs in fp32.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels import _checks, neighborhood_attention2d, window_attention2d
+
+pytestmark = pytest.mark.skipif(_checks.triton_windowed is None, reason="triton is not installed (Linux only)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 uses IEEE dots (no TF32); fp16 is compared with the fp32 reference, so its bound is fp16 rounding.
+TOLERANCE = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float16: dict(atol=6e-3, rtol=6e-3)}
+
+NEIGHBORHOOD_CASES = [  # (B, H, W, heads, D), kernel_size, dilation, rpb, dtype
+    ((1, 9, 11, 2, 16), 3, 1, True, torch.float32),
+    ((1, 13, 10, 1, 16), 4, 2, True, torch.float32),  # even kernel, dilation, several tiles
+    ((2, 12, 17, 1, 32), 5, (1, 3), False, torch.float32),
+    ((1, 11, 9, 1, 16), (5, 3), (2, 1), True, torch.float16),
+]
+WINDOW_CASES = [  # (B, H, W, heads, D), window_size, shift_size, rpb, dtype
+    ((1, 10, 9, 2, 16), 4, 2, True, torch.float32),  # padded and shifted
+    ((1, 8, 8, 1, 32), 4, 0, False, torch.float32),
+    ((1, 9, 14, 1, 16), (3, 7), (1, 3), True, torch.float32),
+    ((2, 15, 13, 1, 16), 7, 3, True, torch.float16),
+]
+
+
+def inputs(shape, rpb_shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(3))
+    rpb = torch.randn(shape[3], *rpb_shape, generator=g).to(DEVICE).requires_grad_() if rpb_shape else None
+    return q, k, v, rpb
+
+
+def check_against_torch(fn, q, k, v, rpb, dtype, **kwargs):
+    out = fn(q, k, v, rpb=rpb, backend="triton", **kwargs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    leaves = [t for t in (q, k, v, rpb) if t is not None]
+    grads = torch.autograd.grad(out, leaves, grad)
+
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref_q, ref_k, ref_v, *ref_rpb = ref_leaves
+    ref = fn(ref_q, ref_k, ref_v, rpb=ref_rpb[0] if ref_rpb else None, backend="torch", **kwargs)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.float())
+
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref, **TOLERANCE[dtype])
+    for name, got, want in zip("q k v rpb".split(), grads, ref_grads):
+        assert got.dtype == (torch.float32 if name == "rpb" else dtype), name
+        torch.testing.assert_close(got.float(), want, **TOLERANCE[dtype], msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("shape,kernel_size,dilation,with_rpb,dtype", NEIGHBORHOOD_CASES)
+def test_neighborhood_matches_torch(shape, kernel_size, dilation, with_rpb, dtype):
+    kh, kw = _checks.pair(kernel_size)
+    q, k, v, rpb = inputs(shape, (2 * kh - 1, 2 * kw - 1) if with_rpb else None, dtype)
+    check_against_torch(neighborhood_attention2d, q, k, v, rpb, dtype, kernel_size=kernel_size, dilation=dilation)
+
+
+@pytest.mark.parametrize("shape,window_size,shift_size,with_rpb,dtype", WINDOW_CASES)
+def test_window_matches_torch(shape, window_size, shift_size, with_rpb, dtype):
+    wh, ww = _checks.pair(window_size)
+    q, k, v, rpb = inputs(shape, (2 * wh - 1, 2 * ww - 1) if with_rpb else None, dtype)
+    check_against_torch(window_attention2d, q, k, v, rpb, dtype, window_size=window_size, shift_size=shift_size)
+
+
+def test_non_contiguous_qkv_from_one_projection():
+    """Models slice q, k, v out of one qkv projection: strided views go in as they are."""
+    B, H, W, heads, D = 1, 9, 10, 2, 16
+    qkv = torch.randn(B, H, W, 3, heads, D, device=DEVICE)
+    q, k, v = qkv.unbind(3)
+    assert not q.is_contiguous()
+    out = neighborhood_attention2d(q, k, v, 3, backend="triton")
+    torch.testing.assert_close(out, neighborhood_attention2d(q, k, v, 3, backend="torch"), **TOLERANCE[torch.float32])
+
+
+def test_custom_op_registration():
+    """Schema, fake (meta) implementation and autograd registration agree with the real kernels."""
+    q, k, v, rpb = inputs((1, 8, 9, 1, 16), (5, 5), torch.float32)
+    op = torch.ops.vision_kernels.windowed_attention.default
+    args = (q, k, v, rpb, [3, 3], [1, 1], [1, 1], True, 0.25)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_compiles_without_graph_breaks():
+    q, k, v, rpb = inputs((1, 8, 9, 1, 16), (7, 7), torch.float32)
+
+    def block(q, k, v, rpb):
+        return window_attention2d(q.sin(), k, v, 4, 2, rpb=rpb, backend="triton").relu().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")  # the op stays one node fwd and bwd
+    got, want = compiled(q, k, v, rpb), block(q, k, v, rpb)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+    got_grads = torch.autograd.grad(got, (q, rpb))
+    want_grads = torch.autograd.grad(block(q, k, v, rpb), (q, rpb))
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+
+
+def test_auto_backend_is_torch_on_cpu(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused kernels ran on CPU tensors under backend='auto'")
+
+    monkeypatch.setattr(_checks.triton_windowed, "windowed_attention", refuse)
+    q, k, v, _ = inputs((1, 8, 8, 1, 16), None, torch.float32)
+    window_attention2d(q.cpu(), k.cpu(), v.cpu(), 4)
+    neighborhood_attention2d(q.cpu(), k.cpu(), v.cpu(), 3)
+
+
+@pytest.mark.parametrize("D", [8, 160])
+def test_head_dims_outside_16_to_128_are_named(D):
+    q = torch.randn(1, 8, 8, 1, D, device=DEVICE)
+    with pytest.raises(ValueError, match=f"D={D}"):
+        window_attention2d(q, q, q, 4, backend="triton")
+
+
+def test_dropout_and_unknown_backend_are_clear_errors():
+    q = torch.randn(1, 8, 8, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="dropout"):
+        neighborhood_attention2d(q, q, q, 3, backend="triton", dropout_p=0.1)
+    with pytest.raises(ValueError, match="'triton'"):
+        neighborhood_attention2d(q, q, q, 3, backend="cuda")
+
+
+def test_models_take_the_fused_path():
+    """NAT's and Swin-window modules give the same outputs and parameter gradients with backend='triton'."""
+    from vision.attention import NeighborhoodAttention2D, WindowAttention
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 10, 11, 32, device=DEVICE)
+    layers = [NeighborhoodAttention2D(32, 2, kernel_size=3, dilation=2), WindowAttention(32, 2, 4, 2, rel_pos_bias=True)]
+    for layer in layers:
+        layer.to(DEVICE)
+        results = []
+        for backend in ("torch", "triton"):
+            layer.backend = backend
+            layer.zero_grad()
+            out = layer(x)
+            out.square().sum().backward()
+            results.append((out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
+        (ref, ref_grads), (got, got_grads) = results
+        torch.testing.assert_close(got, ref, **TOLERANCE[torch.float32])
+        for name in ref_grads:
+            torch.testing.assert_close(got_grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_import_needs_no_gpu():
+    code = ("import sys, torch, kernels; assert 'triton' in sys.modules; "
+            "assert not torch.cuda.is_initialized(), 'importing kernels initialised CUDA'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
