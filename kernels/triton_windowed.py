@@ -105,7 +105,7 @@ def _rect(first, last, Lf, K, BLOCKED: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, RPB,
+    Q, K, V, OUT, LSE, RPB,
     sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son,
     H, W, NH, D, scale,
     KH, KW, DH, DW, SH, SW, TILES_Y, TILES_X,
@@ -173,8 +173,8 @@ def _fwd_kernel(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + b * sob + qy[:, None] * soh + qx[:, None] * sow + head * son + d[None, :],
-             out.to(O.dtype.element_ty), mask=q_ok[:, None] & (d[None, :] < D))
+    tl.store(OUT + b * sob + qy[:, None] * soh + qx[:, None] * sow + head * son + d[None, :],
+             out.to(OUT.dtype.element_ty), mask=q_ok[:, None] & (d[None, :] < D))
     lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_safe)
     tl.store(LSE + (bh * H + qy) * W + qx, lse, mask=q_ok)
 
