@@ -12,7 +12,7 @@ Both are one problem. Along each axis a query at *frame* position ``p`` attends 
 The relative position bias is ``rpb[head, ky - qy + kh - 1, kx - qx + kw - 1]`` in frame units in both
 cases (so dilation divides the offset out, as NATTEN's RPB does).
 
-A program owns a rectangular tile of queries (one window for Swin) and walks only the rectangle of keys
+A program owns a rectangular tile of queries (whole windows for Swin) and walks only the rectangle of keys
 the tile's windows touch, in flattened chunks, with an fp32 online softmax; the backward recomputes the
 probabilities from the saved log-sum-exp: one kernel for dQ (and dRPB) over the same key rectangles, one
 for dK/dV over the *inverse* neighborhood of a key tile (the queries whose windows contain it). Nothing
@@ -323,8 +323,12 @@ def _bwd_dkdv_kernel(
 
 
 def tile_shape(kernel: tuple[int, int], blocked: bool) -> tuple[int, int]:
-    """Query tile of one program: one window for Swin; 8 x 8 frame positions for neighborhoods."""
-    return kernel if blocked else (8, 8)
+    """Query tile of one program: 8 x 8 frame positions for neighborhoods; for Swin, whole windows side by
+    side, enough for ~64 queries (HiLo's 2 x 2 windows would otherwise leave tl.dot's 16 rows mostly empty)."""
+    if not blocked:
+        return (8, 8)
+    wh, ww = kernel
+    return wh, ww * max(1, 64 // (wh * ww))
 
 
 def _launch_config(q, kernel, dilation, blocked):
@@ -338,12 +342,12 @@ def _launch_config(q, kernel, dilation, blocked):
     tiles_y, tiles_x = math.ceil(frame_h / tqh), math.ceil(frame_w / tqw)
     block_m = max(16, triton.next_power_of_2(tqh * tqw))
     meta = dict(
-        TQH=tqh, TQW=tqw, BLOCK_M=block_m, BLOCK_N=64 if blocked else 32,
+        TQH=tqh, TQW=tqw, BLOCK_M=block_m,
+        BLOCK_N=min(block_m, 64) if blocked else 32,  # whole windows read just their own keys: 1 step up to 8x8
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCKED=blocked,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=8 if block_m >= 128 else 4,  # 13x13 windows: 256-row tiles
     )
-    if blocked:
-        meta["BLOCK_N"] = block_m  # one window of keys per step
     grid = (dh * dw * tiles_y * tiles_x, B * NH)
     return grid, (tiles_y, tiles_x), meta
 

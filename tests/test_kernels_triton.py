@@ -31,6 +31,8 @@ WINDOW_CASES = [  # (B, H, W, heads, D), window_size, shift_size, rpb, dtype
     ((1, 8, 8, 1, 32), 4, 0, False, torch.float32),
     ((1, 9, 14, 1, 16), (3, 7), (1, 3), True, torch.float32),
     ((2, 15, 13, 1, 16), 7, 3, True, torch.float16),
+    ((1, 6, 11, 2, 16), 2, 1, True, torch.float32),  # HiLo's 2x2 windows, many to a program
+    ((1, 15, 14, 1, 16), 13, 6, True, torch.float32),  # 169-token windows: keys in several steps
 ]
 
 
