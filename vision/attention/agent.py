@@ -155,6 +155,21 @@ class AgentAttention(nn.Module):
         out = self.proj_drop(self.proj(out))
         return (out, (agent_attn, q_attn)) if return_attn else out
 
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``[B, 3, H, W]``: what the first, middle and last agent gather from the keys (mean over heads),
+        resized from the key grid. ``x``: ``[B, H, W, C]``, or tokens plus ``size`` as in ``forward``."""
+        if size is None:
+            B, H, W, C = x.shape
+            x = x.reshape(B, H * W, C)
+        else:
+            (B, _, C), (H, W) = x.shape, size
+        _, (agent_attn, _) = self.attend(x, H, W, return_attn=True)
+        kh, kw = (H // self.sr_ratio, W // self.sr_ratio) if self.sr_ratio > 1 else (H, W)
+        n = agent_attn.shape[2]
+        maps = agent_attn[..., self.num_prefix_tokens:].mean(1)[:, [0, n // 2, n - 1]].view(B, 3, kh, kw)
+        return maps if (kh, kw) == (H, W) else F.interpolate(maps, size=(H, W), mode="bilinear")
+
     def forward(self, x: torch.Tensor, return_attn: bool = False):
         B, H, W, C = x.shape
         out = self.attend(x.reshape(B, H * W, C), H, W, return_attn)

@@ -53,6 +53,16 @@ class HiLoAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.l_proj(out.transpose(1, 2).reshape(B, H, W, self.l_dim))
 
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, branches, H, W]``: the per-token output norm of the Hi-Fi (local windows) and Lo-Fi
+        (pooled global) branches, in that order (a branch with no heads is left out)."""
+        _, H, W, _ = x.shape
+        s = self.window_size
+        x = F.pad(x, (0, 0, 0, -W % s, 0, -H % s))
+        branches = ([self.hifi(x)] if self.h_heads else []) + ([self.lofi(x)] if self.l_heads else [])
+        return torch.stack([b.norm(dim=-1) for b in branches], dim=1)[:, :, :H, :W]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, H, W, _ = x.shape
         s = self.window_size

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from kernels import neighborhood_attention2d
+from kernels import fit_dilation, neighborhood_attention2d, neighborhood_indices
+
+from ._maps import probe_points
 
 
 class NeighborhoodAttention2D(nn.Module):
@@ -48,20 +50,43 @@ class NeighborhoodAttention2D(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v ``[B, H', W', heads, d]`` of ``x`` padded to the smallest grid this layer runs on as
+        configured (the policy may lower the dilation instead)."""
         B, H, W, C = x.shape
-        # the smallest grid this layer runs on as configured (the policy may lower the dilation instead)
         min_side = self.kernel_size * (self.dilation if self.dilation_policy == "error" else 1)
         pad_h, pad_w = max(0, min_side - H), max(0, min_side - W)
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        q, k, v = self.qkv(x).view(B, H + pad_h, W + pad_w, 3, self.num_heads, self.head_dim).unbind(3)
+        return self.qkv(x).view(B, H + pad_h, W + pad_w, 3, self.num_heads, self.head_dim).unbind(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        q, k, v = self._qkv(x)
         x = neighborhood_attention2d(
             q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=self.scale, backend=self.backend,
             dilation_policy=self.dilation_policy, dropout_p=self.attn_drop if self.training else 0.0,
         )
-        x = x.reshape(B, H + pad_h, W + pad_w, C)[:, :H, :W]
+        x = x.reshape(B, *q.shape[1:3], C)[:, :H, :W]
         return self.proj_drop(self.proj(x))
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]``: each probe query's attention over its window (mean over heads), zero elsewhere."""
+        B, H, W, C = x.shape
+        q, k, _ = self._qkv(x)
+        Hp, Wp, ks = q.shape[1], q.shape[2], self.kernel_size
+        dh, dw = fit_dilation((Hp, Wp), ks, self.dilation, self.dilation_policy)
+        rows, cols = neighborhood_indices(Hp, ks, dh, x.device), neighborhood_indices(Wp, ks, dw, x.device)
+        maps = x.new_zeros(B, 3, Hp, Wp)
+        for n, (i, j) in enumerate(probe_points(H, W)):
+            r, c = rows[i], cols[j]
+            logits = torch.einsum("bhd,bxyhd->bhxy", q[:, i, j] * self.scale, k[:, r[:, None], c[None, :]])
+            if self.rpb is not None:
+                logits = logits + self.rpb[:, ((r - i) // dh + ks - 1)[:, None], ((c - j) // dw + ks - 1)[None, :]]
+            attn = logits.flatten(2).softmax(-1).view_as(logits).mean(1)
+            maps[:, n, r[:, None], c[None, :]] = attn
+        return maps[:, :, :H, :W]
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}, "

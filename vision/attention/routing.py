@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._maps import probe_points
+
 
 def _to_regions(x: torch.Tensor, n: int) -> torch.Tensor:
     """``[B, H, W, C] -> [B, n*n, (H/n)*(W/n), C]``: regions row-major, pixels row-major inside."""
@@ -96,6 +98,20 @@ class BiLevelRoutingAttention(nn.Module):
             mask = key_valid[index].flatten(-2)[:, :, None, None, :].flatten(0, 1)  # [B*c, 1, 1, topk*P]
         out = F.scaled_dot_product_attention(split(q), split(ks), split(vs), attn_mask=mask, scale=self.scale)
         return out.unflatten(0, (B, c)).transpose(2, 3).flatten(-2)  # [B, c, P, dim]
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]``: the regions routed to each probe query's region (1), others 0."""
+        B, H, W, C = x.shape
+        n = self.n_win
+        x = F.pad(x, (0, 0, 0, -W % n, 0, -H % n))
+        Hp, Wp = x.shape[1:3]
+        q, k, _ = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+        index = self.route(_to_regions(q, n), _to_regions(k, n))  # [B, n², topk]
+        maps = x.new_zeros(B, 3, n * n)
+        for p, (i, j) in enumerate(probe_points(H, W)):
+            maps[:, p].scatter_(1, index[:, (i // (Hp // n)) * n + j // (Wp // n)], 1.0)
+        return F.interpolate(maps.view(B, 3, n, n), size=(Hp, Wp), mode="nearest")[:, :, :H, :W]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

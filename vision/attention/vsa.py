@@ -112,6 +112,20 @@ class VSAWindowAttention(nn.Module):
         # -> [B, heads, nh, ty, nw, tx, 2] -> [B * heads, Hp, Wp, 2]
         return grid.permute(0, 3, 1, 4, 2, 5, 6).reshape(B * heads, Hp, Wp, 2)
 
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, H, W]``: how often the learned windows sample each position (all heads; the default
+        windows sample every position once per head)."""
+        B, H, W, _ = x.shape
+        grid = self.sampling_grid(x).view(B, -1, 2)  # align_corners=True coordinates over the padded map
+        Hp, Wp = H + -H % self.window_size, W + -W % self.window_size
+        px = ((grid[..., 0] + 1) / 2 * (Wp - 1)).round().long()
+        py = ((grid[..., 1] + 1) / 2 * (Hp - 1)).round().long()
+        inside = (px >= 0) & (px < Wp) & (py >= 0) & (py < Hp)
+        counts = x.new_zeros(B, Hp * Wp)
+        counts.scatter_add_(1, (py * Wp + px).clamp(0, Hp * Wp - 1), inside.to(x.dtype))
+        return counts.view(B, 1, Hp, Wp)[:, :, :H, :W]
+
     def forward(self, x: torch.Tensor, return_grid: bool = False):
         B, H, W, _ = x.shape
         ws, heads, d = self.window_size, self.num_heads, self.head_dim

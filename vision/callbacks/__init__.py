@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from .attention_maps import AttentionMaps
+
+__all__ = ["AttentionMaps"]

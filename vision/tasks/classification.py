@@ -128,7 +128,7 @@ class ClassificationModule(L.LightningModule):
 
     # ---- evaluation -----------------------------------------------------------------------------
 
-    def _evaluate(self, batch, loss_metric, acc, acc5, prefix: str) -> None:
+    def _evaluate(self, batch, loss_metric, acc, acc5, prefix: str) -> torch.Tensor:
         images, targets = self._unpack(batch)
         logits = self.eval_model(images)
         loss_metric(F.cross_entropy(logits, targets))
@@ -137,9 +137,10 @@ class ClassificationModule(L.LightningModule):
         self.log(f"{prefix}/loss", loss_metric, prog_bar=True)
         self.log(f"{prefix}/acc", acc, prog_bar=True)
         self.log(f"{prefix}/acc5", acc5)
+        return logits.detach()
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss, self.val_acc, self.val_acc5, "val")
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, self.val_loss, self.val_acc, self.val_acc5, "val")
 
     def on_validation_epoch_end(self) -> None:
         self.val_acc_best(self.val_acc.compute())
