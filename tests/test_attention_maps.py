@@ -75,7 +75,8 @@ def test_confusion_image_rows_normalised():
 
 
 def _run(compose_cfg, visualize: int):
-    overrides = [*QUICK, "model=nat_mini", "data.train_subset=64", "data.batch_size=16",
+    overrides = [*QUICK, "model=nat_mini", "+model.backbone.kwargs.depths=[1,1,1,1]",
+                 "data.train_subset=32", "data.batch_size=8",
                  "trainer.max_epochs=2", "trainer.limit_val_batches=2", "test=false",
                  "callbacks.model_checkpoint=null", f"visualize={visualize}"]
     _, objects = train(compose_cfg("train", overrides))
