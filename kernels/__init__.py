@@ -1,7 +1,7 @@
 """Attention kernels: readable PyTorch references and fused Triton kernels.
 
-This package imports only torch (and triton lazily, when a Triton backend is
-used); importing it never touches a GPU driver. No model code lives here.
+This package imports only torch and, where it is installed, triton; importing it never
+touches a GPU driver. No model code lives here.
 """
 
 from .neighborhood import fit_dilation, neighborhood_attention2d, neighborhood_indices

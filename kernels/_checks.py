@@ -11,6 +11,7 @@ except ImportError:  # no Triton wheel for this platform (macOS, Windows): the t
 
 BACKENDS = ("auto", "torch", "triton")
 
+
 def pair(value) -> tuple[int, int]:
     """An int or a ``(height, width)`` pair, as a pair."""
     return (value, value) if isinstance(value, int) else tuple(value)
@@ -28,14 +29,16 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -
 def use_triton(q: torch.Tensor, backend: str, dropout_p: float) -> bool:
     """Whether this call runs the fused Triton kernels.
 
-    ``"auto"`` picks them for CUDA tensors they support (head dim 16..128, no attention dropout) and the
-    torch reference otherwise; ``"triton"`` insists, and says why when it cannot run.
+    ``"auto"`` picks them for CUDA tensors they support (head dim 16..128, no attention dropout) unless
+    deterministic algorithms are requested (dRPB accumulates with atomics), and the torch reference
+    otherwise; ``"triton"`` insists, and says why when it cannot run.
     """
     if backend == "torch":
         return False
     supported = 16 <= q.shape[-1] <= 128 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     if backend == "auto":
-        return triton_windowed is not None and q.is_cuda and supported and not dropout_p
+        return (triton_windowed is not None and q.is_cuda and supported and not dropout_p
+                and not torch.are_deterministic_algorithms_enabled())
     if triton_windowed is None:
         raise RuntimeError("backend='triton' needs the triton package (Linux wheels only); use backend='torch'")
     if dropout_p:

@@ -104,6 +104,63 @@ def _rect(first, last, Lf, K, BLOCKED: tl.constexpr):
 
 
 @triton.jit
+def _program(H, W, NH, KH, KW, DH, DW, TILES_Y, TILES_X, BLOCKED: tl.constexpr):
+    """This program's dilation group, tile, (batch, head) and the frame lengths of its group."""
+    gy, gx, ty, tx = _tile_coords(tl.program_id(0), DH, DW, TILES_Y, TILES_X)
+    bh = tl.program_id(1)
+    b = (bh // NH).to(tl.int64)  # int64: offsets of large batches pass 2**31
+    return gy, gx, ty, tx, bh, b, bh % NH, _frame_len(H, KH, DH, gy, BLOCKED), _frame_len(W, KW, DW, gx, BLOCKED)
+
+
+@triton.jit
+def _chunk(j, y0, x0, cols, n, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, BLOCKED: tl.constexpr):
+    """Frame positions, memory indices and validity of lanes ``j`` of the flattened rectangle
+    ``[y0, ..) x [x0, x0 + cols)`` of ``n`` positions (a program's own tile, or a chunk of the keys or queries
+    it visits)."""
+    py = y0 + j // cols
+    px = x0 + j % cols
+    y, oky = _memory_index(py, H, Lfy, DH, gy, SH, BLOCKED)
+    x, okx = _memory_index(px, W, Lfx, DW, gx, SW, BLOCKED)
+    return py, px, y, x, (j < n) & oky & okx
+
+
+@triton.jit
+def _rows(PTR, b, y, x, head, d, sb, sh, sw, sn, ok, D):
+    """Gather ``[len(y), BLOCK_D]`` rows of a ``[B, H, W, heads, D]`` tensor (zeros where masked)."""
+    return tl.load(PTR + b * sb + y[:, None] * sh + x[:, None] * sw + head * sn + d[None, :],
+                   mask=ok[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _allowed(qpy, qpx, q_ok, kpy, kpx, k_ok, Lfy, Lfx, KH, KW, SH, SW, BLOCKED: tl.constexpr):
+    """``[queries, keys]``: the key lies in the query's window (and, for Swin, in its region)."""
+    wy = _window_start(qpy, Lfy, KH, BLOCKED)
+    wx = _window_start(qpx, Lfx, KW, BLOCKED)
+    ok = (q_ok[:, None] & k_ok[None, :]
+          & (kpy[None, :] >= wy[:, None]) & (kpy[None, :] < wy[:, None] + KH)
+          & (kpx[None, :] >= wx[:, None]) & (kpx[None, :] < wx[:, None] + KW))
+    if BLOCKED:
+        ok &= _region(qpy, Lfy, KH, SH)[:, None] == _region(kpy, Lfy, KH, SH)[None, :]
+        ok &= _region(qpx, Lfx, KW, SW)[:, None] == _region(kpx, Lfx, KW, SW)[None, :]
+    return ok
+
+
+@triton.jit
+def _bias_index(qpy, qpx, kpy, kpx, KH, KW):
+    """``[queries, keys]`` offsets into one head's ``(2KH-1) x (2KW-1)`` bias table."""
+    return (kpy[None, :] - qpy[:, None] + KH - 1) * (2 * KW - 1) + (kpx[None, :] - qpx[:, None] + KW - 1)
+
+
+@triton.jit
+def _logits(q, k, RPB, head, bias_idx, allowed, scale, KH, KW,
+            HAS_RPB: tl.constexpr, PRECISION: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if HAS_RPB:
+        s += tl.load(RPB + head * (2 * KH - 1) * (2 * KW - 1) + bias_idx, mask=allowed, other=0.0)
+    return s
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, RPB,
     sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son,
@@ -112,56 +169,30 @@ def _fwd_kernel(
     TQH: tl.constexpr, TQW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCKED: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Output and log-sum-exp of a query tile, over the key rectangle its windows touch."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs dims >= 16 on GPU")
     tl.static_assert(TQH * TQW <= BLOCK_M)
-    gy, gx, ty, tx = _tile_coords(tl.program_id(0), DH, DW, TILES_Y, TILES_X)
-    bh = tl.program_id(1)
-    b, head = (bh // NH).to(tl.int64), bh % NH  # int64: offsets of large batches pass 2**31
-    Lfy = _frame_len(H, KH, DH, gy, BLOCKED)
-    Lfx = _frame_len(W, KW, DW, gx, BLOCKED)
-
-    i = tl.arange(0, BLOCK_M)
+    gy, gx, ty, tx, bh, b, head, Lfy, Lfx = _program(H, W, NH, KH, KW, DH, DW, TILES_Y, TILES_X, BLOCKED)
     d = tl.arange(0, BLOCK_D)
-    qpy = ty * TQH + i // TQW
-    qpx = tx * TQW + i % TQW
-    qy, oky = _memory_index(qpy, H, Lfy, DH, gy, SH, BLOCKED)
-    qx, okx = _memory_index(qpx, W, Lfx, DW, gx, SW, BLOCKED)
-    q_ok = (i < TQH * TQW) & oky & okx
-    wy = _window_start(qpy, Lfy, KH, BLOCKED)
-    wx = _window_start(qpx, Lfx, KW, BLOCKED)
-    q = tl.load(Q + b * sqb + qy[:, None] * sqh + qx[:, None] * sqw + head * sqn + d[None, :],
-                mask=q_ok[:, None] & (d[None, :] < D), other=0.0)
+    qpy, qpx, qy, qx, q_ok = _chunk(tl.arange(0, BLOCK_M), ty * TQH, tx * TQW, TQW, TQH * TQW, H, W, Lfy, Lfx,
+                                    DH, DW, gy, gx, SH, SW, BLOCKED)
+    q = _rows(Q, b, qy, qx, head, d, sqb, sqh, sqw, sqn, q_ok, D)
 
     y0, y1 = _rect(ty * TQH, ty * TQH + TQH - 1, Lfy, KH, BLOCKED)
     x0, x1 = _rect(tx * TQW, tx * TQW + TQW - 1, Lfx, KW, BLOCKED)
     cols = x1 - x0
     n = (y1 - y0) * cols
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for j0 in range(0, n, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        kpy = y0 + j // cols
-        kpx = x0 + j % cols
-        ky, kvy = _memory_index(kpy, H, Lfy, DH, gy, SH, BLOCKED)
-        kx, kvx = _memory_index(kpx, W, Lfx, DW, gx, SW, BLOCKED)
-        k_ok = (j < n) & kvy & kvx
-        kv_mask = k_ok[:, None] & (d[None, :] < D)
-        k = tl.load(K + b * skb + ky[:, None] * skh + kx[:, None] * skw + head * skn + d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + ky[:, None] * svh + kx[:, None] * svw + head * svn + d[None, :],
-                    mask=kv_mask, other=0.0)
-        allowed = (q_ok[:, None] & k_ok[None, :]
-                   & (kpy[None, :] >= wy[:, None]) & (kpy[None, :] < wy[:, None] + KH)
-                   & (kpx[None, :] >= wx[:, None]) & (kpx[None, :] < wx[:, None] + KW))
-        if BLOCKED:
-            allowed &= _region(qpy, Lfy, KH, SH)[:, None] == _region(kpy, Lfy, KH, SH)[None, :]
-            allowed &= _region(qpx, Lfx, KW, SW)[:, None] == _region(kpx, Lfx, KW, SW)[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        if HAS_RPB:
-            bias_idx = (kpy[None, :] - qpy[:, None] + KH - 1) * (2 * KW - 1) + (kpx[None, :] - qpx[:, None] + KW - 1)
-            s += tl.load(RPB + head * (2 * KH - 1) * (2 * KW - 1) + bias_idx, mask=allowed, other=0.0)
+        kpy, kpx, ky, kx, k_ok = _chunk(j0 + tl.arange(0, BLOCK_N), y0, x0, cols, n, H, W, Lfy, Lfx, DH, DW,
+                                        gy, gx, SH, SW, BLOCKED)
+        k = _rows(K, b, ky, kx, head, d, skb, skh, skw, skn, k_ok, D)
+        v = _rows(V, b, ky, kx, head, d, svb, svh, svw, svn, k_ok, D)
+        allowed = _allowed(qpy, qpx, q_ok, kpy, kpx, k_ok, Lfy, Lfx, KH, KW, SH, SW, BLOCKED)
+        s = _logits(q, k, RPB, head, _bias_index(qpy, qpx, kpy, kpx, KH, KW), allowed, scale, KH, KW,
+                    HAS_RPB, PRECISION)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
@@ -188,27 +219,14 @@ def _bwd_dq_kernel(
     TQH: tl.constexpr, TQW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCKED: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ of a query tile (dQ is laid out like Q's contiguous copy, strides of DO's shape)."""
+    """dQ (and dRPB) of a query tile over the same key rectangles (DQ is laid out with DO's strides)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs dims >= 16 on GPU")
-    gy, gx, ty, tx = _tile_coords(tl.program_id(0), DH, DW, TILES_Y, TILES_X)
-    bh = tl.program_id(1)
-    b, head = (bh // NH).to(tl.int64), bh % NH  # int64: offsets of large batches pass 2**31
-    Lfy = _frame_len(H, KH, DH, gy, BLOCKED)
-    Lfx = _frame_len(W, KW, DW, gx, BLOCKED)
-
-    i = tl.arange(0, BLOCK_M)
+    gy, gx, ty, tx, bh, b, head, Lfy, Lfx = _program(H, W, NH, KH, KW, DH, DW, TILES_Y, TILES_X, BLOCKED)
     d = tl.arange(0, BLOCK_D)
-    qpy = ty * TQH + i // TQW
-    qpx = tx * TQW + i % TQW
-    qy, oky = _memory_index(qpy, H, Lfy, DH, gy, SH, BLOCKED)
-    qx, okx = _memory_index(qpx, W, Lfx, DW, gx, SW, BLOCKED)
-    q_ok = (i < TQH * TQW) & oky & okx
-    wy = _window_start(qpy, Lfy, KH, BLOCKED)
-    wx = _window_start(qpx, Lfx, KW, BLOCKED)
-    q_mask = q_ok[:, None] & (d[None, :] < D)
-    q = tl.load(Q + b * sqb + qy[:, None] * sqh + qx[:, None] * sqw + head * sqn + d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdb + qy[:, None] * sdh + qx[:, None] * sdw + head * sdn + d[None, :],
-                 mask=q_mask, other=0.0)
+    qpy, qpx, qy, qx, q_ok = _chunk(tl.arange(0, BLOCK_M), ty * TQH, tx * TQW, TQW, TQH * TQW, H, W, Lfy, Lfx,
+                                    DH, DW, gy, gx, SH, SW, BLOCKED)
+    q = _rows(Q, b, qy, qx, head, d, sqb, sqh, sqw, sqn, q_ok, D)
+    do = _rows(DO, b, qy, qx, head, d, sdb, sdh, sdw, sdn, q_ok, D)
     lse = tl.load(LSE + (bh * H + qy) * W + qx, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + (bh * H + qy) * W + qx, mask=q_ok, other=0.0)
 
@@ -218,35 +236,20 @@ def _bwd_dq_kernel(
     n = (y1 - y0) * cols
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for j0 in range(0, n, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        kpy = y0 + j // cols
-        kpx = x0 + j % cols
-        ky, kvy = _memory_index(kpy, H, Lfy, DH, gy, SH, BLOCKED)
-        kx, kvx = _memory_index(kpx, W, Lfx, DW, gx, SW, BLOCKED)
-        k_ok = (j < n) & kvy & kvx
-        kv_mask = k_ok[:, None] & (d[None, :] < D)
-        k = tl.load(K + b * skb + ky[:, None] * skh + kx[:, None] * skw + head * skn + d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + ky[:, None] * svh + kx[:, None] * svw + head * svn + d[None, :],
-                    mask=kv_mask, other=0.0)
-        allowed = (q_ok[:, None] & k_ok[None, :]
-                   & (kpy[None, :] >= wy[:, None]) & (kpy[None, :] < wy[:, None] + KH)
-                   & (kpx[None, :] >= wx[:, None]) & (kpx[None, :] < wx[:, None] + KW))
-        if BLOCKED:
-            allowed &= _region(qpy, Lfy, KH, SH)[:, None] == _region(kpy, Lfy, KH, SH)[None, :]
-            allowed &= _region(qpx, Lfx, KW, SW)[:, None] == _region(kpx, Lfx, KW, SW)[None, :]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        bias_idx = (kpy[None, :] - qpy[:, None] + KH - 1) * (2 * KW - 1) + (kpx[None, :] - qpx[:, None] + KW - 1)
-        if HAS_RPB:
-            s += tl.load(RPB + head * (2 * KH - 1) * (2 * KW - 1) + bias_idx, mask=allowed, other=0.0)
+        kpy, kpx, ky, kx, k_ok = _chunk(j0 + tl.arange(0, BLOCK_N), y0, x0, cols, n, H, W, Lfy, Lfx, DH, DW,
+                                        gy, gx, SH, SW, BLOCKED)
+        k = _rows(K, b, ky, kx, head, d, skb, skh, skw, skn, k_ok, D)
+        v = _rows(V, b, ky, kx, head, d, svb, svh, svw, svn, k_ok, D)
+        allowed = _allowed(qpy, qpx, q_ok, kpy, kpx, k_ok, Lfy, Lfx, KH, KW, SH, SW, BLOCKED)
+        bias_idx = _bias_index(qpy, qpx, kpy, kpx, KH, KW)
+        s = _logits(q, k, RPB, head, bias_idx, allowed, scale, KH, KW, HAS_RPB, PRECISION)
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         if HAS_RPB:
             tl.atomic_add(DRPB + bh * (2 * KH - 1) * (2 * KW - 1) + bias_idx, ds, mask=allowed)
     tl.store(DQ + b * sdb + qy[:, None] * sdh + qx[:, None] * sdw + head * sdn + d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & (d[None, :] < D))
 
 
 @triton.jit
@@ -260,66 +263,38 @@ def _bwd_dkdv_kernel(
 ):
     """dK and dV of a key tile, walking the queries whose windows contain its keys (DK/DV: DO strides)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs dims >= 16 on GPU")
-    gy, gx, ty, tx = _tile_coords(tl.program_id(0), DH, DW, TILES_Y, TILES_X)
-    bh = tl.program_id(1)
-    b, head = (bh // NH).to(tl.int64), bh % NH  # int64: offsets of large batches pass 2**31
-    Lfy = _frame_len(H, KH, DH, gy, BLOCKED)
-    Lfx = _frame_len(W, KW, DW, gx, BLOCKED)
-
-    j = tl.arange(0, BLOCK_M)  # keys of this tile
+    gy, gx, ty, tx, bh, b, head, Lfy, Lfx = _program(H, W, NH, KH, KW, DH, DW, TILES_Y, TILES_X, BLOCKED)
     d = tl.arange(0, BLOCK_D)
-    kpy = ty * TQH + j // TQW
-    kpx = tx * TQW + j % TQW
-    ky, kvy = _memory_index(kpy, H, Lfy, DH, gy, SH, BLOCKED)
-    kx, kvx = _memory_index(kpx, W, Lfx, DW, gx, SW, BLOCKED)
-    k_ok = (j < TQH * TQW) & kvy & kvx
-    kv_mask = k_ok[:, None] & (d[None, :] < D)
-    k = tl.load(K + b * skb + ky[:, None] * skh + kx[:, None] * skw + head * skn + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + ky[:, None] * svh + kx[:, None] * svw + head * svn + d[None, :], mask=kv_mask, other=0.0)
+    kpy, kpx, ky, kx, k_ok = _chunk(tl.arange(0, BLOCK_M), ty * TQH, tx * TQW, TQW, TQH * TQW, H, W, Lfy, Lfx,
+                                    DH, DW, gy, gx, SH, SW, BLOCKED)
+    k = _rows(K, b, ky, kx, head, d, skb, skh, skw, skn, k_ok, D)
+    v = _rows(V, b, ky, kx, head, d, svb, svh, svw, svn, k_ok, D)
 
     first_y, first_x = ty * TQH, tx * TQW
     y0, y1 = _inverse_range(first_y, tl.minimum(first_y + TQH - 1, Lfy - 1), Lfy, KH, BLOCKED)
     x0, x1 = _inverse_range(first_x, tl.minimum(first_x + TQW - 1, Lfx - 1), Lfx, KW, BLOCKED)
     cols = x1 - x0 + 1
     n = tl.where((first_y < Lfy) & (first_x < Lfx), (y1 - y0 + 1) * cols, 0)
-
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for i0 in range(0, n, BLOCK_N):
-        i = i0 + tl.arange(0, BLOCK_N)
-        qpy = y0 + i // cols
-        qpx = x0 + i % cols
-        qy, oky = _memory_index(qpy, H, Lfy, DH, gy, SH, BLOCKED)
-        qx, okx = _memory_index(qpx, W, Lfx, DW, gx, SW, BLOCKED)
-        q_ok = (i < n) & oky & okx
-        q_mask = q_ok[:, None] & (d[None, :] < D)
-        q = tl.load(Q + b * sqb + qy[:, None] * sqh + qx[:, None] * sqw + head * sqn + d[None, :],
-                    mask=q_mask, other=0.0)
-        do = tl.load(DO + b * sdb + qy[:, None] * sdh + qx[:, None] * sdw + head * sdn + d[None, :],
-                     mask=q_mask, other=0.0)
+        qpy, qpx, qy, qx, q_ok = _chunk(i0 + tl.arange(0, BLOCK_N), y0, x0, cols, n, H, W, Lfy, Lfx, DH, DW,
+                                        gy, gx, SH, SW, BLOCKED)
+        q = _rows(Q, b, qy, qx, head, d, sqb, sqh, sqw, sqn, q_ok, D)
+        do = _rows(DO, b, qy, qx, head, d, sdb, sdh, sdw, sdn, q_ok, D)
         lse = tl.load(LSE + (bh * H + qy) * W + qx, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + (bh * H + qy) * W + qx, mask=q_ok, other=0.0)
-        wy = _window_start(qpy, Lfy, KH, BLOCKED)
-        wx = _window_start(qpx, Lfx, KW, BLOCKED)
-        # [keys, queries]
-        allowed = (k_ok[:, None] & q_ok[None, :]
-                   & (kpy[:, None] >= wy[None, :]) & (kpy[:, None] < wy[None, :] + KH)
-                   & (kpx[:, None] >= wx[None, :]) & (kpx[:, None] < wx[None, :] + KW))
-        if BLOCKED:
-            allowed &= _region(kpy, Lfy, KH, SH)[:, None] == _region(qpy, Lfy, KH, SH)[None, :]
-            allowed &= _region(kpx, Lfx, KW, SW)[:, None] == _region(qpx, Lfx, KW, SW)[None, :]
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
-        if HAS_RPB:
-            bias_idx = (kpy[:, None] - qpy[None, :] + KH - 1) * (2 * KW - 1) + (kpx[:, None] - qpx[None, :] + KW - 1)
-            st += tl.load(RPB + head * (2 * KH - 1) * (2 * KW - 1) + bias_idx, mask=allowed, other=0.0)
-        pt = tl.where(allowed, tl.exp(st - lse[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        # [queries, keys], as in the other kernels
+        allowed = _allowed(qpy, qpx, q_ok, kpy, kpx, k_ok, Lfy, Lfx, KH, KW, SH, SW, BLOCKED)
+        s = _logits(q, k, RPB, head, _bias_index(qpy, qpx, kpy, kpx, KH, KW), allowed, scale, KH, KW,
+                    HAS_RPB, PRECISION)
+        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     out = b * sdb + ky[:, None] * sdh + kx[:, None] * sdw + head * sdn + d[None, :]
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & (d[None, :] < D))
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & (d[None, :] < D))
 
 
 def tile_shape(kernel: tuple[int, int], blocked: bool) -> tuple[int, int]:
