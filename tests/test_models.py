@@ -88,7 +88,8 @@ def test_timm_contract(name):
         reduction = model.feature_info[-1]["reduction"]
         side = math.ceil(SIZE / reduction)
         if getattr(model, "num_prefix_tokens", 0):  # ViT-like (timm's *_non_std contract): [B, prefix + H*W, C]
-            assert feats.shape == (2, model.num_prefix_tokens + side * side, model.num_features)
+            tokens = model.output_tokens(side * side) if hasattr(model, "output_tokens") else side * side  # pruning
+            assert feats.shape == (2, model.num_prefix_tokens + tokens, model.num_features)
         else:
             assert feats.shape == (2, model.num_features, side, side)
             assert tuple(cfg["pool_size"]) == tuple(s // reduction for s in cfg["input_size"][1:])

@@ -11,6 +11,7 @@ from .agent import AgentAttention, ClassAgentAttention
 from .hilo import HiLoAttention
 from .linear import LinearAttention
 from .neighborhood import NeighborhoodAttention2D
+from .pruning import ClassScoredAttention, keep_attentive_tokens
 from .routing import AttentionLePE, BiLevelRoutingAttention
 from .vsa import VSAWindowAttention
 from .window import WindowAttention
@@ -20,9 +21,11 @@ __all__ = [
     "AttentionLePE",
     "BiLevelRoutingAttention",
     "ClassAgentAttention",
+    "ClassScoredAttention",
     "HiLoAttention",
     "LinearAttention",
     "NeighborhoodAttention2D",
     "VSAWindowAttention",
     "WindowAttention",
+    "keep_attentive_tokens",
 ]

@@ -15,18 +15,16 @@ multiple of the patch, and the position embedding and agent biases are resized b
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Attention, DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import Attention, DropPath, Mlp
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..attention import ClassAgentAttention
 from ..attention.agent import split_official_qkv
+from ._vit import ClassTokenViT, resize_pos_embed
 
 __all__ = ["AgentDeiT"]
 
@@ -71,7 +69,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class AgentDeiT(nn.Module):
+class AgentDeiT(ClassTokenViT):
     """Agent-DeiT.
 
     Args:
@@ -81,8 +79,6 @@ class AgentDeiT(nn.Module):
         agent_layer: the first ``agent_layer`` blocks use agent attention (``<= 0``: all).
         global_pool: ``"token"`` (class token, official), ``"avg"`` (mean of patch tokens) or ``""``.
     """
-
-    num_prefix_tokens = 1
 
     def __init__(
         self,
@@ -104,21 +100,10 @@ class AgentDeiT(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
     ):
-        super().__init__()
-        self._check_pool(global_pool)
+        super().__init__(img_size, patch_size, in_chans, num_classes, global_pool, embed_dim, depth, drop_rate,
+                         pos_drop_rate)
         agent_num = [agent_num] * 4 if isinstance(agent_num, (int, str)) else list(agent_num)
         agent_layer = agent_layer if agent_layer > 0 else depth
-        self.num_classes, self.global_pool = num_classes, global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.patch_size = patch_size
-        self.grid = tuple(s // patch_size for s in to_2tuple(img_size))
-        self.grad_checkpointing = False
-
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
-        self.pos_drop = nn.Dropout(pos_drop_rate)
         dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             [
@@ -136,64 +121,7 @@ class AgentDeiT(nn.Module):
                 for i in range(depth)
             ]
         )
-        self.feature_info = [
-            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
-        ]
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
-        trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    @staticmethod
-    def _check_pool(global_pool: str) -> None:
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool={global_pool!r}; AgentDeiT supports 'token', 'avg' or ''")
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self._check_pool(global_pool)
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        p = self.patch_size
-        x = self.patch_embed.proj(F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p)))
-        size = tuple(x.shape[-2:])
-        pos_cls, pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        if size != self.grid:  # official resize_pos_embed: bilinear, class-token entry untouched
-            pos = pos.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
-            pos = F.interpolate(pos, size=size, mode="bilinear").flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
-        return self.pos_drop(x + torch.cat([pos_cls, pos], dim=1)), size
+        self.init_weights()
 
     def _block(self, block: nn.Module, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -206,17 +134,6 @@ class AgentDeiT(nn.Module):
         for block in self.blocks:
             x = self._block(block, x, size)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "token":
-            x = x[:, 0]
-        elif self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens :].mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
         self,
@@ -248,17 +165,6 @@ class AgentDeiT(nn.Module):
             return intermediates
         return self.norm(x), intermediates
 
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
 
 def checkpoint_filter_fn(state_dict: dict, model: AgentDeiT) -> dict:
     """Official Agent-DeiT keys -> ours: agent attention's fused ``qkv`` -> ``q`` + ``kv`` (other names
@@ -268,12 +174,8 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentDeiT) -> dict:
     for i, block in enumerate(model.blocks):
         if block.agent:
             out = split_official_qkv(out, f"blocks.{i}.attn.")
-    pos = out.get("pos_embed")
-    if pos is not None and pos.shape != model.pos_embed.shape:
-        side = math.isqrt(pos.shape[1] - 1)
-        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=model.grid, mode="bilinear").flatten(2).transpose(1, 2)
-        out["pos_embed"] = torch.cat([pos[:, :1], grid], dim=1)
+    if "pos_embed" in out:
+        out["pos_embed"] = resize_pos_embed(out["pos_embed"], model.grid, model.pos_embed_mode)
     return out
 
 

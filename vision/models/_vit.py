@@ -1,0 +1,142 @@
+"""The DeiT skeleton shared by the class-token ViT families (Agent-DeiT, EViT).
+
+Patch embedding (``patch_embed.proj``, the image zero-padded to a multiple of the patch), class token,
+learnt position embedding resized to any grid, final LayerNorm (eps 1e-6) and a class-token head, with
+timm's model contract (classifier reset, parameter groups, grad checkpointing flag, intermediate-layer
+pruning). A family adds its ``blocks`` (then calls :meth:`init_weights`), ``forward_features`` and
+``forward_intermediates``. Parameter names are DeiT's, so official checkpoints load by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import to_2tuple, trunc_normal_
+from timm.models._features import feature_take_indices
+from torch import nn
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], mode: str,
+                     old_grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """``[1, 1 + h*w, C]`` -> ``[1, 1 + H*W, C]``; the class-token entry is kept (square ``old_grid`` when
+    not given, as in official checkpoints)."""
+    cls_pos, pos = pos_embed[:, :1], pos_embed[:, 1:]
+    old_grid = old_grid or (math.isqrt(pos.shape[1]),) * 2
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    pos = pos.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+    pos = F.interpolate(pos, size=new_grid, mode=mode, align_corners=False).flatten(2).transpose(1, 2)
+    return torch.cat([cls_pos, pos], dim=1)
+
+
+class ClassTokenViT(nn.Module):
+    """DeiT skeleton; ``pos_embed_mode`` is how the family's official code resizes the position embedding."""
+
+    num_prefix_tokens = 1
+    pos_embed_mode = "bilinear"
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int],
+        patch_size: int,
+        in_chans: int,
+        num_classes: int,
+        global_pool: str,
+        embed_dim: int,
+        depth: int,
+        drop_rate: float,
+        pos_drop_rate: float,
+    ):
+        super().__init__()
+        self._check_pool(global_pool)
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.grid = tuple(s // patch_size for s in to_2tuple(img_size))
+        self.grad_checkpointing = False
+
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
+        ]
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def _check_pool(self, global_pool: str) -> None:
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool={global_pool!r}; {type(self).__name__} supports 'token', 'avg' or ''")
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self._check_pool(global_pool)
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tokens ``[B, 1 + H*W, C]`` with position embedding, and the patch grid ``(H, W)``."""
+        p = self.patch_size
+        x = self.patch_embed.proj(F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p)))
+        size = tuple(x.shape[-2:])
+        pos = resize_pos_embed(self.pos_embed, size, self.pos_embed_mode, self.grid)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+        return self.pos_drop(x + pos), size
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices

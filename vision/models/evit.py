@@ -1,0 +1,234 @@
+"""EViT: DeiT that keeps only the attentive tokens.
+
+Paper: "Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations"
+(ICLR 2022, https://arxiv.org/abs/2202.07800). Architecture as in youweiliang/evit (evit.py,
+``deit_*_patch16_shrink_base``): a DeiT whose blocks at ``drop_loc`` (3, 6, 9) keep the
+``ceil(keep_rate * tokens)`` patch tokens the class token attends to most and fuse the rest into one token
+(:mod:`vision.attention.pruning`). Pruning adds no parameters, so the counts are DeiT's.
+
+Training: ``train_keep_rate`` (set each step by :class:`vision.callbacks.KeepRateSchedule`, the published
+schedule) overrides the keep rate of the pruning blocks in training mode; evaluation uses ``keep_rate``.
+``forward_features`` returns the normed tokens that remain (``output_tokens(H*W)`` patch tokens after the
+class token); ``forward_intermediates`` scatters each block's tokens back to their grid positions (pruned
+positions zero, the fused token left out), so ``features_only`` gives NCHW maps. Any input size runs (the
+position embedding is resized bicubically, as the official code does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from ..attention import ClassScoredAttention, keep_attentive_tokens
+from ._vit import ClassTokenViT, resize_pos_embed
+
+__all__ = ["EViT"]
+
+# DeiT's parameter counts as the EViT paper prints them (pruning adds none); checked by the model battery.
+PUBLISHED_PARAMS = {"evit_deit_tiny": "5.7M", "evit_deit_small": "22.1M", "evit_deit_base": "86.6M"}
+
+
+def kept_tokens(rate: float, tokens: int) -> int:
+    """Patch tokens a pruning block keeps out of ``tokens`` (the official ``ceil``)."""
+    return math.ceil(rate * tokens)
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block; with ``keep_rate < 1`` it prunes between the attention and the MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, keep_rate: float = 1.0,
+                 fuse_token: bool = True):
+        super().__init__()
+        if not 0 < keep_rate <= 1:
+            raise ValueError(f"keep_rate={keep_rate}: expected 0 < keep_rate <= 1")
+        self.keep_rate, self.fuse_token = keep_rate, fuse_token
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ClassScoredAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+
+    def forward(self, x: torch.Tensor, keep_rate: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens after the block, and the kept indices into the incoming patch tokens (None: all kept)."""
+        out, cls_attn = self.attn(self.norm1(x))
+        x = x + self.drop_path(out)
+        rate = self.keep_rate if keep_rate is None else keep_rate
+        idx = None
+        if self.keep_rate < 1 and rate < 1:  # only the configured pruning blocks, as officially
+            keep = kept_tokens(rate, x.shape[1] - 1)
+            if keep < x.shape[1] - 1:
+                x, idx = keep_attentive_tokens(x, cls_attn, keep, self.fuse_token)
+        return x + self.drop_path(self.mlp(self.norm2(x))), idx
+
+
+class EViT(ClassTokenViT):
+    """EViT on a DeiT.
+
+    Args:
+        keep_rate: fraction of patch tokens kept at each pruning block (evaluation, and the end of the
+            training schedule).
+        drop_loc: indices of the pruning blocks.
+        fuse_token: fuse the pruned tokens into one extra token (the published models do).
+        embed_dim, depth, num_heads: ViT width, blocks, heads. Other arguments as in timm's ViT.
+    """
+
+    pos_embed_mode = "bicubic"
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        keep_rate: float = 0.7,
+        drop_loc: tuple[int, ...] = (3, 6, 9),
+        fuse_token: bool = True,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__(img_size, patch_size, in_chans, num_classes, global_pool, embed_dim, depth, drop_rate,
+                         pos_drop_rate)
+        if any(not 0 <= i < depth for i in drop_loc):
+            raise ValueError(f"drop_loc={tuple(drop_loc)} must index the {depth} blocks")
+        self.keep_rate, self.fuse_token = keep_rate, fuse_token
+        self.train_keep_rate: float | None = None
+        dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i],
+                  keep_rate if i in drop_loc else 1.0, fuse_token)
+            for i in range(depth)
+        ])
+        self.init_weights()
+
+    def output_tokens(self, num_patches: int) -> int:
+        """Tokens after the class token that ``forward_features`` returns for ``num_patches`` patches."""
+        n = num_patches
+        for block in self.blocks:
+            if block.keep_rate < 1 and kept_tokens(block.keep_rate, n) < n:
+                n = kept_tokens(block.keep_rate, n) + int(self.fuse_token)
+        return n
+
+    def _blocks(self, x: torch.Tensor, blocks=None):
+        """Run the blocks, yielding each block's tokens and kept indices."""
+        rate = self.train_keep_rate if self.training else None
+        for block in self.blocks if blocks is None else blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, idx = checkpoint(block, x, rate)
+            else:
+                x, idx = block(x, rate)
+            yield x, idx
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed remaining tokens ``[B, 1 + output_tokens(H*W), C]`` (class token first)."""
+        x, _ = self._embed(x)
+        for x, _ in self._blocks(x):
+            pass
+        return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Block outputs as NCHW maps (tokens at their grid positions, pruned positions zero) or ``NLC``
+        remaining tokens, and, unless ``intermediates_only``, the final normed tokens."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}; expected 'NCHW' or 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, (H, W) = self._embed(x)
+        B, C = x.shape[0], x.shape[-1]
+        where = torch.arange(H * W, device=x.device).expand(B, -1)  # grid position of each patch token
+        fused = torch.full((B, 1), H * W, device=x.device)  # the fused token has none: a spare slot
+        intermediates = []
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        for i, (x, idx) in enumerate(self._blocks(x, blocks)):
+            if idx is not None:
+                where = where.gather(1, idx)
+                where = torch.cat([where, fused], dim=1) if self.fuse_token else where
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                prefix, tokens = y[:, :1], y[:, 1:]
+                if output_fmt == "NCHW":
+                    canvas = tokens.new_zeros(B, H * W + 1, C).scatter(1, where[..., None].expand(-1, -1, C), tokens)
+                    tokens = canvas[:, : H * W].transpose(1, 2).reshape(B, C, H, W)
+                intermediates.append((tokens, prefix) if return_prefix_tokens else tokens)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+
+def checkpoint_filter_fn(state_dict: dict, model: EViT) -> dict:
+    """Official EViT (and DeiT) checkpoints load by name; a position embedding for another grid is resized."""
+    state_dict = dict(state_dict.get("model", state_dict))
+    if "pos_embed" in state_dict:
+        state_dict["pos_embed"] = resize_pos_embed(state_dict["pos_embed"], model.grid, model.pos_embed_mode)
+    return state_dict
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "paper_ids": "arXiv:2202.07800",
+        **kwargs,
+    }
+
+
+# Official ImageNet-1k releases (keep rate 0.7; no download here: pass pretrained_cfg_overlay=dict(file=path)).
+default_cfgs = generate_default_cfgs({
+    "evit_deit_tiny.in1k": _cfg(),
+    "evit_deit_small.in1k": _cfg(),
+    "evit_deit_base.in1k": _cfg(),
+})
+
+
+def _create_evit(variant: str, pretrained: bool = False, **kwargs) -> EViT:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        EViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs,
+    )
+
+
+@register_model
+def evit_deit_tiny(pretrained: bool = False, **kwargs) -> EViT:
+    return _create_evit("evit_deit_tiny", pretrained, **dict(dict(embed_dim=192, depth=12, num_heads=3), **kwargs))
+
+
+@register_model
+def evit_deit_small(pretrained: bool = False, **kwargs) -> EViT:
+    return _create_evit("evit_deit_small", pretrained, **dict(dict(embed_dim=384, depth=12, num_heads=6), **kwargs))
+
+
+@register_model
+def evit_deit_base(pretrained: bool = False, **kwargs) -> EViT:
+    return _create_evit("evit_deit_base", pretrained, **dict(dict(embed_dim=768, depth=12, num_heads=12), **kwargs))
