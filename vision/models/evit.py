@@ -124,21 +124,17 @@ class EViT(ClassTokenViT):
                 n = kept_tokens(block.keep_rate, n) + int(self.fuse_token)
         return n
 
-    def _blocks(self, x: torch.Tensor, blocks=None):
-        """Run the blocks, yielding each block's tokens and kept indices."""
+    def _step(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         rate = self.train_keep_rate if self.training else None
-        for block in self.blocks if blocks is None else blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, idx = checkpoint(block, x, rate)
-            else:
-                x, idx = block(x, rate)
-            yield x, idx
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(block, x, rate)
+        return block(x, rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normed remaining tokens ``[B, 1 + output_tokens(H*W), C]`` (class token first)."""
         x, _ = self._embed(x)
-        for x, _ in self._blocks(x):
-            pass
+        for block in self.blocks:
+            x, _ = self._step(block, x)
         return self.norm(x)
 
     def forward_intermediates(
@@ -162,7 +158,8 @@ class EViT(ClassTokenViT):
         fused = torch.full((B, 1), H * W, device=x.device)  # the fused token has none: a spare slot
         intermediates = []
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
-        for i, (x, idx) in enumerate(self._blocks(x, blocks)):
+        for i, block in enumerate(blocks):
+            x, idx = self._step(block, x)
             if idx is not None:
                 where = where.gather(1, idx)
                 where = torch.cat([where, fused], dim=1) if self.fuse_token else where
