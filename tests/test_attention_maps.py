@@ -49,7 +49,7 @@ def test_hilo_maps_show_both_branches():
 
 
 @pytest.mark.parametrize("name", ["nat_mini", "biformer_tiny", "agent_swin_tiny", "agent_deit_tiny",
-                                  "vsa_swin_tiny", "litv2_small"])
+                                  "vsa_swin_tiny", "litv2_small", "evit_deit_tiny"])
 def test_collect_maps_from_models(name):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=5).train()
@@ -66,6 +66,15 @@ def test_collect_maps_from_models(name):
     torch.testing.assert_close(model.eval()(images), expected)  # hooks were removed
     grid = overlay(images, next(iter(maps.values())))
     assert grid.shape[0] == 3 and grid.min() >= 0 and grid.max() <= 1
+
+
+def test_evit_maps_show_kept_tokens():
+    model = timm.create_model("evit_deit_tiny", embed_dim=48).eval()
+    maps = model.attention_maps(torch.randn(1, 3, 224, 224))
+    assert maps.shape == (1, 3, 14, 14)
+    kept = maps.sum((2, 3))[0].tolist()
+    assert kept[0] == 138 and 96 <= kept[1] <= 98 and 68 <= kept[2] <= 70  # fused tokens have no position
+    assert (maps[:, 1] <= maps[:, 0]).all() and (maps[:, 2] <= maps[:, 1]).all()  # pruned tokens stay pruned
 
 
 def test_confusion_image_rows_normalised():

@@ -4,7 +4,7 @@ Enabled with one flag, ``python train.py visualize=N`` (0, the default, turns it
 the first validation batch are kept; every ``N`` validation epochs the evaluated backbone runs on them once
 more (eval mode, no grad, RNG state untouched) while forward pre-hooks catch the inputs of the attention
 modules that implement ``attention_maps`` (neighborhood windows, routed regions, agent maps, VSA's learned
-windows, HiLo's two branches); up to ``max_layers`` of them, evenly spaced from first to last, are drawn
+windows, HiLo's two branches, the tokens EViT keeps); up to ``max_layers`` of them, evenly spaced from first to last, are drawn
 over the images. For classification the validation confusion matrix (rows normalised) is drawn as well.
 
 Images go to whichever logger is active: W&B (``log_image``), TensorBoard (``add_image``), and otherwise PNG
@@ -107,7 +107,7 @@ class AttentionMaps(L.Callback):
         figures = {}
         model = getattr(pl_module, "eval_model", pl_module)
         for name, maps in collect_maps(model, self.images.to(pl_module.device), self.max_layers).items():
-            figures[f"attention/{name}"] = overlay(self.images.to(maps.device), maps).cpu()
+            figures[f"attention/{name or 'model'}"] = overlay(self.images.to(maps.device), maps).cpu()
         if self.confusion is not None:
             figures["val/confusion_matrix"] = confusion_image(self.confusion).cpu()
             self.confusion = None

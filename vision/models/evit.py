@@ -137,6 +137,13 @@ class EViT(ClassTokenViT):
             x, _ = self._step(block, x)
         return self.norm(x)
 
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, pruning blocks, H, W]``: 1 where a patch token is still kept after each pruning block."""
+        indices = [i for i, block in enumerate(self.blocks) if block.keep_rate < 1]
+        maps = self.forward_intermediates(x, indices=indices, intermediates_only=True)
+        return torch.stack([(m.abs().sum(1) > 0).to(x.dtype) for m in maps], dim=1)
+
     def forward_intermediates(
         self,
         x: torch.Tensor,
