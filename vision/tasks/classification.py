@@ -140,6 +140,7 @@ class ClassificationModule(L.LightningModule):
         return logits.detach()
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        # the logits reach callbacks' on_validation_batch_end (AttentionMaps draws the confusion matrix)
         return self._evaluate(batch, self.val_loss, self.val_acc, self.val_acc5, "val")
 
     def on_validation_epoch_end(self) -> None:
