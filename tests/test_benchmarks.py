@@ -19,3 +19,11 @@ def test_window_benchmark_smoke(tmp_path):
     for cells in rows["sdpa"]:
         assert float(cells[-1]) < 1e-5  # the unfolded-window SDPA baseline computes the same attention
         assert float(cells[3]) > 0  # forward+backward time
+
+
+def test_pruning_flops_are_counted_with_pruning_in_effect():
+    import bench_pruning
+
+    r = bench_pruning.compare("evit_deit_tiny", 0.7, batch=1, repeats=1, device="cpu")
+    assert abs(r["gmacs_full"] - 1.26) < 0.02  # DeiT-T: 1.3 GFLOPs in the papers
+    assert 0.6 < r["gmacs"] / r["gmacs_full"] < 0.7  # EViT-T/0.7: 0.8 vs 1.3 in the paper
