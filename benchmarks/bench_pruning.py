@@ -17,19 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vision  # noqa: E402
+from vision.zoo import gmacs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ["evit_deit_tiny", "evit_deit_small", "evit_deit_base"]
-
-
-def gmacs(model: torch.nn.Module, size: int = 224, device: str = "cpu") -> float:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, size, size, device=device))
-    return counter.get_total_flops() / 2e9
 
 
 def throughput(model: torch.nn.Module, batch: int, repeats: int, device: str) -> float:
@@ -51,7 +45,8 @@ def compare(name: str, keep_rate: float, batch: int, repeats: int, device: str) 
     pruned = vision.create_model(name, keep_rate=keep_rate).to(device).eval()
     full = vision.create_model(name, keep_rate=1.0).to(device).eval()
     full.load_state_dict(pruned.state_dict())  # same weights: only the pruning differs
-    return dict(name=name, keep_rate=keep_rate, gmacs=gmacs(pruned, device=device), gmacs_full=gmacs(full, device=device),
+    return dict(name=name, keep_rate=keep_rate, gmacs=gmacs(pruned, (3, 224, 224), device),
+                gmacs_full=gmacs(full, (3, 224, 224), device),
                 ips=throughput(pruned, batch, repeats, device), ips_full=throughput(full, batch, repeats, device))
 
 

@@ -24,6 +24,13 @@ from torch.utils.flop_counter import FlopCounterMode
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
+def gmacs(model: torch.nn.Module, input_size: tuple[int, int, int], device: str = "cpu") -> float:
+    """GMACs of one image (half the multiply-adds + adds ``FlopCounterMode`` counts), as the model runs it."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, *input_size, device=device))
+    return counter.get_total_flops() / 2e9
+
+
 def measure(name: str, device: str, batch: int, repeats: int) -> dict:
     """One model's row (run in a fresh process by :func:`main`)."""
     import vision
@@ -33,9 +40,7 @@ def measure(name: str, device: str, batch: int, repeats: int) -> dict:
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     params = sum(p.numel() for p in model.parameters())
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, *size, device=device))
-    macs = counter.get_total_flops() / 2
+    macs = gmacs(model, size, device)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     x = torch.randn(batch, *size, device=device)
@@ -67,7 +72,7 @@ def measure(name: str, device: str, batch: int, repeats: int) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return dict(name=name, params=params, gmacs=macs / 1e9, resolution=size[-1], infer=infer, train=train, peak=peak)
+    return dict(name=name, params=params, gmacs=macs, resolution=size[-1], infer=infer, train=train, peak=peak)
 
 
 def main(argv=None) -> int:

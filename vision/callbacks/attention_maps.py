@@ -37,11 +37,11 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def collect_maps(model: torch.nn.Module, images: torch.Tensor, max_layers: int = 4) -> dict[str, torch.Tensor]:
     """``{module name: [B, M, H_img, W_img]}`` maps in [0, 1] for up to ``max_layers`` attention modules."""
-    names = [name for name, m in model.named_modules() if callable(getattr(m, "attention_maps", None))]
+    modules = {name: m for name, m in model.named_modules() if callable(getattr(m, "attention_maps", None))}
+    names = list(modules)
     if len(names) > max_layers:
         step = (len(names) - 1) / (max_layers - 1) if max_layers > 1 else 0
         names = [names[round(i * step)] for i in range(max_layers)]
-    modules = dict(model.named_modules())
     inputs, hooks = {}, []
     for name in names:
         def keep(module, args, kwargs, name=name):

@@ -2,9 +2,10 @@
 
 Patch embedding (``patch_embed.proj``, the image zero-padded to a multiple of the patch), class token,
 learnt position embedding resized to any grid, final LayerNorm (eps 1e-6) and a class-token head, with
-timm's model contract (classifier reset, parameter groups, grad checkpointing flag, intermediate-layer
-pruning). A family adds its ``blocks`` (then calls :meth:`init_weights`), ``forward_features`` and
-``forward_intermediates``. Parameter names are DeiT's, so official checkpoints load by name.
+timm's model contract (``forward_features``, ``forward_intermediates``, classifier reset, parameter groups,
+grad checkpointing, intermediate-layer pruning). A family adds its ``blocks`` (then calls :meth:`init_weights`)
+and :meth:`ClassTokenViT._step`, which runs one block and, for token pruning, says which tokens it kept.
+Parameter names are DeiT's, so official checkpoints load by name.
 """
 
 from __future__ import annotations
@@ -14,8 +15,22 @@ import math
 import torch
 import torch.nn.functional as F
 from timm.layers import to_2tuple, trunc_normal_
+from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 from torch import nn
+
+from ._pyramid import build_pyramid, imagenet_cfg
+
+
+def vit_cfg(**kwargs) -> dict:
+    """:func:`imagenet_cfg` for a patch-16 ViT (token features: no pool size)."""
+    return imagenet_cfg(pool_size=None, first_conv="patch_embed.proj", **kwargs)
+
+
+def build_vit(model_cls, variant: str, pretrained: bool, filter_fn, **kwargs) -> nn.Module:
+    """:func:`build_pyramid` with timm's ViT default for ``features_only``: the last three blocks."""
+    kwargs.setdefault("out_indices", 3)
+    return build_pyramid(model_cls, variant, pretrained, filter_fn, **kwargs)
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], mode: str,
@@ -118,6 +133,68 @@ class ClassTokenViT(nn.Module):
         pos = resize_pos_embed(self.pos_embed, size, self.pos_embed_mode, self.grid)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
         return self.pos_drop(x + pos), size
+
+    def _step(self, block: nn.Module, x: torch.Tensor, size: tuple[int, int]):
+        """Run one block: ``(tokens, kept)`` with ``kept`` the indices into the incoming patch tokens when
+        the block pruned tokens (extra tokens it appended, like EViT's fused one, have no grid position),
+        else None."""
+        raise NotImplementedError
+
+    def _call(self, block: nn.Module, *args):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(block, *args)
+        return block(*args)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed tokens ``[B, 1 + patch tokens left, C]`` (class token first)."""
+        x, size = self._embed(x)
+        for block in self.blocks:
+            x, _ = self._step(block, x, size)
+        return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Block outputs (``indices`` into the blocks) as NCHW patch maps (pruned positions zero) or ``NLC``
+        tokens and, unless ``intermediates_only``, the final normed tokens as ``forward_features`` gives them."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}; expected 'NCHW' or 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        x, (H, W) = self._embed(x)
+        B, P = x.shape[0], self.num_prefix_tokens
+        where = None  # grid position of each patch token once some were pruned (H*W: none)
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x, kept = self._step(block, x, (H, W))
+            if kept is not None:
+                where = (torch.arange(H * W, device=x.device).expand(B, -1) if where is None else where).gather(1, kept)
+                where = F.pad(where, (0, x.shape[1] - P - where.shape[1]), value=H * W)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                prefix, tokens = y[:, :P], y[:, P:]
+                if output_fmt == "NCHW":
+                    tokens = self._grid(tokens, where, H, W)
+                intermediates.append((tokens, prefix) if return_prefix_tokens else tokens)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    @staticmethod
+    def _grid(tokens: torch.Tensor, where: torch.Tensor | None, H: int, W: int) -> torch.Tensor:
+        """Patch tokens ``[B, L, C]`` at their grid positions ``[B, C, H, W]``."""
+        B, _, C = tokens.shape
+        if where is not None:  # scatter, with a spare slot for tokens without a position
+            canvas = tokens.new_zeros(B, H * W + 1, C).scatter(1, where[..., None].expand(-1, -1, C), tokens)
+            tokens = canvas[:, : H * W]
+        return tokens.transpose(1, 2).reshape(B, C, H, W)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":

@@ -16,15 +16,13 @@ multiple of the patch, and the position embedding and agent biases are resized b
 from __future__ import annotations
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, DropPath, Mlp
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..attention import ClassAgentAttention
 from ..attention.agent import split_official_qkv
-from ._vit import ClassTokenViT, resize_pos_embed
+from ._vit import ClassTokenViT, build_vit, resize_pos_embed, vit_cfg
 
 __all__ = ["AgentDeiT"]
 
@@ -123,47 +121,8 @@ class AgentDeiT(ClassTokenViT):
         )
         self.init_weights()
 
-    def _block(self, block: nn.Module, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(block, x, size)
-        return block(x, size)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normed tokens ``[B, 1 + H*W, C]`` (class token first)."""
-        x, size = self._embed(x)
-        for block in self.blocks:
-            x = self._block(block, x, size)
-        return self.norm(x)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Block outputs (``indices`` into the blocks) as NCHW patch maps (or ``NLC`` tokens) and, unless
-        ``intermediates_only``, the final normed tokens as ``forward_features`` gives them."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt={output_fmt!r}; expected 'NCHW' or 'NLC'")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        blocks = self.blocks if not stop_early else self.blocks[: max_index + 1]
-        x, (H, W) = self._embed(x)
-        intermediates = []
-        for i, block in enumerate(blocks):
-            x = self._block(block, x, (H, W))
-            if i in take_indices:
-                y = self.norm(x) if norm else x
-                prefix, tokens = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens :]
-                if output_fmt == "NCHW":
-                    tokens = tokens.transpose(1, 2).reshape(y.shape[0], -1, H, W)
-                intermediates.append((tokens, prefix) if return_prefix_tokens else tokens)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+    def _step(self, block: nn.Module, x: torch.Tensor, size: tuple[int, int]):
+        return self._call(block, x, size), None
 
 
 def checkpoint_filter_fn(state_dict: dict, model: AgentDeiT) -> dict:
@@ -180,20 +139,7 @@ def checkpoint_filter_fn(state_dict: dict, model: AgentDeiT) -> dict:
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "paper_ids": "arXiv:2312.08874",
-        **kwargs,
-    }
+    return vit_cfg(paper_ids="arXiv:2312.08874", **kwargs)
 
 
 # Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
@@ -207,15 +153,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentDeiT:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        AgentDeiT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+    return build_vit(AgentDeiT, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model

@@ -19,14 +19,12 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..attention import ClassScoredAttention, keep_attentive_tokens
-from ._vit import ClassTokenViT, resize_pos_embed
+from ._vit import ClassTokenViT, build_vit, resize_pos_embed, vit_cfg
 
 __all__ = ["EViT"]
 
@@ -124,18 +122,8 @@ class EViT(ClassTokenViT):
                 n = kept_tokens(block.keep_rate, n) + int(self.fuse_token)
         return n
 
-    def _step(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        rate = self.train_keep_rate if self.training else None
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(block, x, rate)
-        return block(x, rate)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normed remaining tokens ``[B, 1 + output_tokens(H*W), C]`` (class token first)."""
-        x, _ = self._embed(x)
-        for block in self.blocks:
-            x, _ = self._step(block, x)
-        return self.norm(x)
+    def _step(self, block: Block, x: torch.Tensor, size: tuple[int, int]):
+        return self._call(block, x, self.train_keep_rate if self.training else None)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,43 +131,6 @@ class EViT(ClassTokenViT):
         indices = [i for i, block in enumerate(self.blocks) if block.keep_rate < 1]
         maps = self.forward_intermediates(x, indices=indices, intermediates_only=True)
         return torch.stack([(m.abs().sum(1) > 0).to(x.dtype) for m in maps], dim=1)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Block outputs as NCHW maps (tokens at their grid positions, pruned positions zero) or ``NLC``
-        remaining tokens, and, unless ``intermediates_only``, the final normed tokens."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt={output_fmt!r}; expected 'NCHW' or 'NLC'")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, (H, W) = self._embed(x)
-        B, C = x.shape[0], x.shape[-1]
-        where = torch.arange(H * W, device=x.device).expand(B, -1)  # grid position of each patch token
-        fused = torch.full((B, 1), H * W, device=x.device)  # the fused token has none: a spare slot
-        intermediates = []
-        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
-        for i, block in enumerate(blocks):
-            x, idx = self._step(block, x)
-            if idx is not None:
-                where = where.gather(1, idx)
-                where = torch.cat([where, fused], dim=1) if self.fuse_token else where
-            if i in take_indices:
-                y = self.norm(x) if norm else x
-                prefix, tokens = y[:, :1], y[:, 1:]
-                if output_fmt == "NCHW":
-                    canvas = tokens.new_zeros(B, H * W + 1, C).scatter(1, where[..., None].expand(-1, -1, C), tokens)
-                    tokens = canvas[:, : H * W].transpose(1, 2).reshape(B, C, H, W)
-                intermediates.append((tokens, prefix) if return_prefix_tokens else tokens)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
 
 
 def checkpoint_filter_fn(state_dict: dict, model: EViT) -> dict:
@@ -191,20 +142,7 @@ def checkpoint_filter_fn(state_dict: dict, model: EViT) -> dict:
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "paper_ids": "arXiv:2202.07800",
-        **kwargs,
-    }
+    return vit_cfg(paper_ids="arXiv:2202.07800", **kwargs)
 
 
 # Official ImageNet-1k releases (keep rate 0.7; no download here: pass pretrained_cfg_overlay=dict(file=path)).
@@ -216,11 +154,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_evit(variant: str, pretrained: bool = False, **kwargs) -> EViT:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        EViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs,
-    )
+    return build_vit(EViT, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 @register_model
