@@ -42,3 +42,9 @@ def compose_cfg(tmp_path):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def fashion_root() -> Path:
+    """The embedded Fashion-MNIST idx files."""
+    return ROOT / "data" / "fashion-mnist"

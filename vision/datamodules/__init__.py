@@ -2,6 +2,7 @@
 
 from .classification import ClassificationDataModule, FashionMNISTDataModule, ImageFolderDataModule
 from .datasets import ArrayDataset, CorruptImageError, ImageFolderDataset, read_idx
+from .scenes import make_fashion_scenes
 from .transforms import EvalConfig, backbone_eval_config, build_transforms
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "ImageFolderDataset",
     "backbone_eval_config",
     "build_transforms",
+    "make_fashion_scenes",
     "read_idx",
 ]
