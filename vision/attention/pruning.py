@@ -59,8 +59,8 @@ def keep_attentive_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fu
 def policy_softmax(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """DynamicViT's masked softmax over the keys of ``logits [B, heads, N, N]``: key ``j`` counts with its
     keep decision ``policy [B, N, 1]`` (0/1), except that every token still attends to itself. As officially
-    in fp32 and smoothed, ``(e + eps/N) / (sum e + eps)`` with ``e = exp(l - max l) * mask``, so a dropped key
-    gets weight ``eps/N / (sum e + eps)`` (< eps/N) instead of exactly zero."""
+    in fp32 and smoothed, ``(e + eps/N) / (sum e + eps)`` with ``e = exp(l - max l) * mask`` (the max over all
+    keys), so a dropped key gets weight ``eps/N / (sum e + eps)`` instead of exactly zero."""
     B, _, N, _ = logits.shape
     keep = policy.reshape(B, 1, 1, N).float()
     eye = torch.eye(N, dtype=keep.dtype, device=keep.device)
