@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vision
 from vision.attention.pruning import hard_keep_decision, keep_ratio_loss, policy_softmax
+from vision.callbacks.attention_maps import collect_maps
 from vision.models.dynamicvit import Block
 from vision.tasks import ClassificationModule
 from vision.tasks.distillation import Distillation
@@ -138,10 +139,13 @@ def test_parameter_count_is_deit_plus_three_predictors(name, deit, count):
 
 
 def test_kept_token_maps_are_nested():
-    maps = tiny().eval().attention_maps(torch.randn(1, 3, 224, 224))
+    model = tiny()
+    maps = model.eval().attention_maps(torch.randn(1, 3, 224, 224))
     assert maps.shape == (1, 3, 14, 14)
     assert maps.sum((2, 3))[0].tolist() == [137, 96, 67]
     assert (maps[:, 1] <= maps[:, 0]).all() and (maps[:, 2] <= maps[:, 1]).all()
+    drawn = collect_maps(model.train(), torch.randn(2, 3, 64, 64))  # what the attention-map callback draws
+    assert list(drawn) == [""] and drawn[""].shape == (2, 3, 64, 64) and model.training
 
 
 # ---- the classification task: aux losses and distillation -------------------------------------------
