@@ -1,11 +1,12 @@
 """Token pruning: each pruned model next to the same model with pruning off.
 
-For EViT-DeiT-T/S/B at keep rate 0.7 (the published models) against keep rate 1 (the plain DeiT, same
-weights): GMACs of one 224 px image counted with the pruning in effect (``torch.utils.flop_counter``), and
-inference throughput (eval, no grad; median of ``--repeats`` timed batches after a warm-up). Writes
+For EViT-DeiT-T/S/B and DynamicViT-DeiT-S/B at keep rate 0.7 (the published models) against keep rate 1
+(the plain DeiT, same weights; DynamicViT's predictors then don't run): GMACs of one 224 px image counted
+with the pruning in effect (``torch.utils.flop_counter``; DynamicViT's include its predictors), and inference
+throughput (eval, no grad; median of ``--repeats`` timed batches after a warm-up). Writes
 ``benchmarks/results/pruning_<device>.md``.
 
-    python benchmarks/bench_pruning.py [--batch 8] [--repeats 3] [--models evit_deit_tiny evit_deit_small]
+    python benchmarks/bench_pruning.py [--batch 8] [--repeats 3] [--models evit_deit_tiny dynamicvit_deit_small]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import vision  # noqa: E402
 from vision.zoo import gmacs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = ["evit_deit_tiny", "evit_deit_small", "evit_deit_base"]
+MODELS = ["evit_deit_tiny", "evit_deit_small", "evit_deit_base", "dynamicvit_deit_small", "dynamicvit_deit_base"]
 
 
 def throughput(model: torch.nn.Module, batch: int, repeats: int, device: str) -> float:

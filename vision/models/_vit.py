@@ -1,10 +1,12 @@
-"""The DeiT skeleton shared by the class-token ViT families (Agent-DeiT, EViT).
+"""The DeiT skeleton shared by the class-token ViT families (Agent-DeiT, EViT, DynamicViT).
 
 Patch embedding (``patch_embed.proj``, the image zero-padded to a multiple of the patch), class token,
 learnt position embedding resized to any grid, final LayerNorm (eps 1e-6) and a class-token head, with
 timm's model contract (``forward_features``, ``forward_intermediates``, classifier reset, parameter groups,
 grad checkpointing, intermediate-layer pruning). A family adds its ``blocks`` (then calls :meth:`init_weights`)
-and :meth:`ClassTokenViT._step`, which runs one block and, for token pruning, says which tokens it kept.
+and :meth:`ClassTokenViT._step`, which runs one block and, for token pruning, says which tokens it kept (a
+family whose blocks share state over the forward, like DynamicViT's keep decisions, overrides
+:meth:`ClassTokenViT._run` instead).
 Parameter names are DeiT's, so official checkpoints load by name.
 """
 
@@ -140,6 +142,12 @@ class ClassTokenViT(nn.Module):
         else None."""
         raise NotImplementedError
 
+    def _run(self, x: torch.Tensor, size: tuple[int, int], blocks):
+        """Run ``blocks`` in order, yielding ``(tokens, kept)`` after each one (as :meth:`_step` gives them)."""
+        for block in blocks:
+            x, kept = self._step(block, x, size)
+            yield x, kept
+
     def _call(self, block: nn.Module, *args):
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint(block, *args)
@@ -148,8 +156,8 @@ class ClassTokenViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normed tokens ``[B, 1 + patch tokens left, C]`` (class token first)."""
         x, size = self._embed(x)
-        for block in self.blocks:
-            x, _ = self._step(block, x, size)
+        for step in self._run(x, size, self.blocks):
+            x = step[0]
         return self.norm(x)
 
     def forward_intermediates(
@@ -172,8 +180,8 @@ class ClassTokenViT(nn.Module):
         B, P = x.shape[0], self.num_prefix_tokens
         where = None  # grid position of each patch token once some were pruned (H*W: none)
         intermediates = []
-        for i, block in enumerate(blocks):
-            x, kept = self._step(block, x, (H, W))
+        for i, (out, kept) in enumerate(self._run(x, (H, W), blocks)):
+            x = out
             if kept is not None:
                 where = (torch.arange(H * W, device=x.device).expand(B, -1) if where is None else where).gather(1, kept)
                 where = F.pad(where, (0, x.shape[1] - P - where.shape[1]), value=H * W)

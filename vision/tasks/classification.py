@@ -1,4 +1,10 @@
-"""Image classification on any timm backbone (this package's or timm's own), chosen by name."""
+"""Image classification on any timm backbone (this package's or timm's own), chosen by name.
+
+Auxiliary losses: after each training forward the task adds the backbone's ``aux_losses`` (a dict of
+already weighted scalar losses, e.g. DynamicViT's ratio loss; a backbone without it adds nothing), so
+``forward(x) -> logits`` stays timm's. ``distill`` adds distillation from a frozen teacher
+(:class:`~vision.tasks.distillation.Distillation`).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..models import create_model
+from .distillation import Distillation
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -40,6 +47,8 @@ class ClassificationModule(L.LightningModule):
         ema_decay: keep an EMA of the weights, used for validation and test; None disables.
         compile: ``torch.compile`` the backbone at fit start.
         channels_last: run convolutions in NHWC memory layout (faster on CPU and tensor cores).
+        distill: ``{teacher: {name, pretrained_file, kwargs}, logit_weight, token_weight}`` (a
+            :class:`Distillation`; the teacher is built for fitting only) or None.
     """
 
     def __init__(
@@ -58,6 +67,7 @@ class ClassificationModule(L.LightningModule):
         ema_decay: float | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        distill: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -71,6 +81,7 @@ class ClassificationModule(L.LightningModule):
         )
         self.mixup = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes) if mixup else None
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
+        self.distill = Distillation(**distill) if distill else None
 
         top_k = min(5, num_classes)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
@@ -99,6 +110,12 @@ class ClassificationModule(L.LightningModule):
             self.to(memory_format=torch.channels_last)
         if self.hparams.compile and stage == "fit":
             self.model.compile()  # in place: parameter names (and so checkpoints) stay uncompiled-compatible
+        if self.distill is not None and stage == "fit" and self.distill.teacher is None:
+            self.distill.build(self.hparams.num_classes, self.hparams.in_chans)
+
+    def on_fit_start(self) -> None:
+        if self.distill is not None:
+            self.distill.to(self.device, next(self.model.parameters()).dtype)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -106,9 +123,12 @@ class ClassificationModule(L.LightningModule):
         images, targets = self._unpack(batch)
         if self.mixup is not None:
             images, soft_targets = self.mixup(images, targets)
-            loss = SoftTargetCrossEntropy()(self.model(images), soft_targets)
+        logits, features = self._train_forward(images)
+        if self.mixup is not None:
+            loss = SoftTargetCrossEntropy()(logits, soft_targets)
         else:
-            loss = F.cross_entropy(self.model(images), targets, label_smoothing=self.hparams.label_smoothing)
+            loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        loss = loss + self._auxiliary_loss(images, logits, features)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
@@ -118,6 +138,22 @@ class ClassificationModule(L.LightningModule):
         self.train_loss(loss.detach())
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
+
+    def _train_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and, only for token distillation, the features they came from (timm's contract)."""
+        if self.distill is None or not self.distill.token_weight:
+            return self.model(images), None
+        features = self.model.forward_features(images)
+        return self.model.forward_head(features), features
+
+    def _auxiliary_loss(self, images: torch.Tensor, logits: torch.Tensor, features: torch.Tensor | None):
+        """The backbone's ``aux_losses`` from this forward plus the distillation terms, each logged."""
+        parts = dict(getattr(self.model, "aux_losses", None) or {})
+        if self.distill is not None:
+            parts.update(self.distill.losses(self.model, images, logits, features))
+        for name, value in parts.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True)
+        return sum(parts.values(), logits.new_zeros(()))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
