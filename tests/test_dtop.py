@@ -199,3 +199,36 @@ def test_parameter_count_matches_official(name, embed, depth, grid, head_dim):
     assert ours == official_param_count(embed, depth, grid, head_dim, 150, len(VARIANTS[name]["out_indices"]))
     if name == "dtop_vit_base":
         assert ours == 108_795_654
+
+
+def test_benchmark_counts_flops_with_pruning_in_effect():
+    import sys
+    from pathlib import Path
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_dtop
+
+    torch.manual_seed(0)
+    net = create_dtop("dtop_tiny", num_classes=K, img_size=64, threshold=1.01).eval()
+    x = torch.randn(1, 3, 64, 64)
+    full = bench_dtop.gmacs(net, x)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x)
+    n, dim, depth = 64, 64, 4  # the attention matmuls (q k^T and attn v) the fused path hides from the counter
+    assert (full - counter.get_total_flops() / 2e9) * 1e9 == pytest.approx(depth * 2 * n * n * dim)
+    assert all(m.fused_attn for m in net.modules() if hasattr(m, "fused_attn"))  # restored
+    net.threshold = 0.0
+    assert bench_dtop.exit_shares(net, x)[0] > 0.5
+    assert bench_dtop.gmacs(net, x) < 0.75 * full
+
+
+def test_backbone_loads_a_local_timm_checkpoint(tmp_path):
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, **VARIANTS["dtop_tiny"]["backbone_kwargs"])
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    net = create_dtop("dtop_tiny", num_classes=K, img_size=64, pretrained_file=tmp_path / "vit.pth")
+    torch.testing.assert_close(net.backbone.blocks[2].mlp.fc1.weight, vit.blocks[2].mlp.fc1.weight)
+    assert net.backbone.pos_embed.shape == (1, 1 + 8 * 8, 64)  # resized from the checkpoint's 4x4 grid

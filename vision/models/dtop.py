@@ -138,7 +138,7 @@ class ATMHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.proj_norm(self.input_proj(tokens))
-        queries = self.queries.weight.expand(tokens.shape[0], -1, -1)
+        queries = self.queries.weight.repeat(tokens.shape[0], 1, 1)  # a copy: FLOP counters hook inputs
         for layer in self.layers:
             queries, masks = layer(queries, tokens)
         return self.class_embed(queries), masks
