@@ -3,7 +3,7 @@
 For each threshold: the share of tokens that exit at each auxiliary head, GMACs of one image counted with the
 pruning in effect (``torch.utils.flop_counter``; timm's fused attention is switched to its explicit form while
 counting, since the counter does not see CPU SDPA), and inference throughput (eval, no grad; median of
-``--repeats`` timed batches after a warm-up), all on the same fixed input.
+``--repeats`` timed batches after a warm-up, pruned and unpruned alternating), all on the same fixed input.
 
 Which tokens exit depends on how confident the heads are. Randomly initialised heads (the default; pass
 ``--checkpoint`` for trained weights) are never confident enough for the official threshold, so besides it the
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vision.models.dtop import VARIANTS, class_presence, create_dtop  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+UNPRUNED = 1.01  # above 1: no token exits
 
 
 @contextmanager
@@ -52,18 +53,21 @@ def gmacs(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 2e9 / x.shape[0]
 
 
-def throughput(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+def throughput(model: torch.nn.Module, x: torch.Tensor, threshold: float, repeats: int) -> tuple[float, float]:
+    """img/s at ``threshold`` and unpruned, timed alternately so a busy machine slows both alike."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times = []
+    times = {threshold: [], UNPRUNED: []}
     with torch.no_grad():
-        model(x)
+        model(x)  # warm-up
         for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            model(x)
-            sync()
-            times.append(time.perf_counter() - start)
-    return x.shape[0] / statistics.median(times)
+            for thr in times:
+                model.threshold = thr
+                sync()
+                start = time.perf_counter()
+                model(x)
+                sync()
+                times[thr].append(time.perf_counter() - start)
+    return tuple(x.shape[0] / statistics.median(times[thr]) for thr in (threshold, UNPRUNED))
 
 
 def exit_shares(model: torch.nn.Module, x: torch.Tensor) -> list[float]:
@@ -99,8 +103,8 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     official = model.threshold
 
-    model.threshold = 1.01  # nothing exits: the unpruned model
-    full_macs, full_ips = gmacs(model, x), throughput(model, x, args.repeats)
+    model.threshold = UNPRUNED
+    full_macs = gmacs(model, x)
     conf = first_head_confidence(model, x)
     thresholds = [(official, "official")]
     thresholds += [(conf.quantile(1 - q).item(), f"{q:.0%} easy at head 0") for q in args.easy]
@@ -109,7 +113,8 @@ def main(argv=None) -> int:
     for thr, why in thresholds:
         model.threshold = thr
         shares = exit_shares(model, x)
-        macs, ips = gmacs(model, x), throughput(model, x, args.repeats)
+        macs = gmacs(model, x)
+        ips, full_ips = throughput(model, x, thr, args.repeats)
         exits = " / ".join(f"{s:.0%}" for s in shares[:-1])
         rows.append(f"| {thr:.3f} ({why}) | {exits} | {macs:.3g} | {full_macs:.3g} | {macs / full_macs:.2f} | "
                     f"{ips:.2f} | {full_ips:.2f} | {ips / full_ips:.2f}x |")
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
         f"# DToP on {device}", "",
         f"`python benchmarks/bench_dtop.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
         f"`{args.model}` ({params:,} parameters, {args.num_classes} classes), {weights}, one fixed "
-        f"{args.size}x{args.size} input, batch {args.batch}, median of {args.repeats} timed batches, fp32, "
+        f"{args.size}x{args.size} input, batch {args.batch}, median of {args.repeats} timed batches (pruned and unpruned alternating), fp32, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
         f"Exits: share of all tokens leaving at the auxiliary heads (after blocks {heads}); the rest run to "
         "the last block. Unpruned: the same model and weights with threshold 1.01 (no token exits). "
