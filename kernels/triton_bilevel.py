@@ -64,6 +64,16 @@ def _routed_keys(IDX_ROW, j, L, P, N, RH, RW, H, W):
 
 
 @triton.jit
+def _allowed(k_ok, live, MASK_PADDING: tl.constexpr):
+    """Keys a query sees: unmasked padding lets padded keys take part as zero vectors (logit 0, value 0)."""
+    if MASK_PADDING:
+        ok = k_ok
+    else:
+        ok = live
+    return ok
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, IDX, OUT, LSE,
     sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son, sib, sin, sir,
@@ -92,8 +102,7 @@ def _fwd_kernel(
         k = _rows(K, b, ky, kx, head, dqk, skb, skh, skw, skn, k_ok, DQK)
         v = _rows(V, b, ky, kx, head, dv, svb, svh, svw, svn, k_ok, DV)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        # unmasked padding: padded keys take part as zero vectors (logit 0, value 0)
-        allowed = k_ok if MASK_PADDING else live
+        allowed = _allowed(k_ok, live, MASK_PADDING)
         s = tl.where(allowed[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
@@ -140,7 +149,7 @@ def _bwd_dq_kernel(
         ky, kx, k_ok, live = _routed_keys(idx_row, j0 + tl.arange(0, BLOCK_N), L, P, N, RH, RW, H, W)
         k = _rows(K, b, ky, kx, head, dqk, skb, skh, skw, skn, k_ok, DQK)
         v = _rows(V, b, ky, kx, head, dv, svb, svh, svw, svn, k_ok, DV)
-        allowed = k_ok if MASK_PADDING else live
+        allowed = _allowed(k_ok, live, MASK_PADDING)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         p = tl.where(allowed[None, :], tl.exp(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
