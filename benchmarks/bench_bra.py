@@ -171,7 +171,10 @@ def main(argv=None) -> int:
     title = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads), smoke run"
     command = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# Bi-level routing attention (token step), BiFormer-T/S stages, batch {batch}, {title}", "",
-             f"`python benchmarks/bench_bra.py {command}`; torch {torch.__version__}.", "",
+             f"`{' '.join(['python benchmarks/bench_bra.py', command]).strip()}`; torch {torch.__version__}.", "",
+             *([] if cuda else ["CPU: a smoke run that checks the script end to end. On a shared CPU the timings are "
+                                "noisy, and RSS peaks include first-call allocations (~15 MiB), so neither "
+                                "measures the methods; the fused kernels need CUDA.", ""]),
              "Speed-up: gather fwd+bwd ms / this method's. Peaks are above the inputs; workspace is the fwd+bwd peak "
              "less the output and dQ/dK/dV (4 input-sized tensors every method must hold). K/V copy: the gather's "
              "gathered keys and values. Targets (issue #7, triton): workspace <= copy / top-k (the size of K and V), "
