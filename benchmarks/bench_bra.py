@@ -1,11 +1,23 @@
-"""Bi-level routing attention: our chunked BRA against a straightforward top-k gather implementation.
+"""Bi-level routing attention (token-level step): fused Triton kernels against the torch reference and the
+straightforward gather implementation.
 
-For BiFormer-T stage shapes at 224 and 512 px, one training step (forward + backward) of the layer:
-median step time and peak memory, each configuration in its own subprocess so peaks don't mix.
-Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the growth of the process's peak RSS
-on CPU. Writes ``benchmarks/results/bra_<device>.md``.
+Every method gets the same q, k, v ``[B, H, W, heads, 32]`` and routing index ``[B, 49, topk]``:
 
-    python benchmarks/bench_bra.py [--batch 8] [--repeats 5]
+* ``gather`` -- the official approach: ``torch.gather`` of every query region's top-k key/value regions in one
+  piece (a top-k-fold copy of K and V), then matmul, softmax, matmul;
+* ``torch``  -- ``kernels.bilevel_routing_attention(backend="torch")``: the same gather over bounded chunks of
+  query regions, each checkpointed;
+* ``triton`` -- ``backend="triton"``: the fused kernels, which read routed regions in place.
+
+Shapes: BiFormer-T/S stages 1-3 (T and S share widths, heads and top-k; S is only deeper; stage 4 is global
+attention) at 224, 512 and 1024 px, ``n_win = 7``, grids padded to a multiple of 7 as the model pads them.
+Columns: forward, backward and forward+backward ms (``triton.testing.do_bench`` median on CUDA), peak memory of
+one forward+backward above the inputs (``max_memory_allocated``), the gather's K/V copy and the targets
+(peak <= copy / top-k; forward+backward >= 2x gather), and the largest output error against the fp32 torch
+reference. On CPU it is a smoke run: gather and torch only (the kernels need a GPU), batch 1, peak memory
+as the growth of peak RSS in one subprocess per method. Writes ``benchmarks/results/bra_<device>.md``.
+
+    python benchmarks/bench_bra.py [--batch 4] [--dtypes fp16 fp32] [--sizes 224 512 1024]
 """
 
 from __future__ import annotations
@@ -22,96 +34,183 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vision.attention import BiLevelRoutingAttention  # noqa: E402
-from vision.attention.routing import _from_regions, _to_regions  # noqa: E402
+from kernels import bilevel_routing_attention  # noqa: E402
+from kernels.bilevel_routing import _to_regions  # noqa: E402
 
-# BiFormer-T: (stage, channels, heads, top-k, stride) with n_win = 7 regions per side
-STAGES = [(1, 64, 2, 1, 4), (2, 128, 4, 4, 8), (3, 256, 8, 16, 16)]
-
-
-def gather_bra(layer: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tensor:
-    """The straightforward implementation: gather every query region's top-k K/V in one piece."""
-    B, H, W, C = x.shape
-    n = layer.n_win
-    q, k, v = layer.qkv(x).split([layer.qk_dim, layer.qk_dim, layer.dim], dim=-1)
-    qr, kr, vr = (_to_regions(t, n) for t in (q, k, v))
-    index = layer.route(qr, kr)
-    batch = torch.arange(B, device=x.device)[:, None, None]
-    ks, vs = kr[batch, index].flatten(2, 3), vr[batch, index].flatten(2, 3)  # [B, n², topk*P, C]: topk copies
-    heads = layer.num_heads
-    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(2, 3)
-    attn = ((split(qr) * layer.scale) @ split(ks).transpose(-1, -2)).softmax(-1)
-    out = (attn @ split(vs)).transpose(2, 3).flatten(-2)
-    out = _from_regions(out, n, H, W) + layer.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    return layer.proj(out)
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+N_WIN, HEAD_DIM = 7, 32
+STAGES = {1: (64, 1, 4), 2: (128, 4, 8), 3: (256, 16, 16)}  # BiFormer-T/S stage: channels, top-k, stride
+METHODS = ("gather", "torch", "triton")
 
 
-def measure(impl: str, size: int, stage: int, batch: int, repeats: int, device: str) -> dict:
-    _, dim, heads, topk, stride = next(s for s in STAGES if s[0] == stage)
+def gather_attention(q, k, v, index, n, scale):
+    """The official token step: gather K/V regions for every query region at once, dense attention."""
+    B, H, W, heads, D = q.shape
+    qr, kr, vr = (_to_regions(t, n).permute(0, 2, 3, 1, 4).flatten(-2) for t in (q, k, v))  # [B, R, P, C]
+    R, P, C = kr.shape[1:]
+    topk = index.shape[-1]
+    gathered = lambda t: torch.gather(  # [B, R, topk, P, C]: top-k copies of K (and of V)
+        t[:, None].expand(-1, R, -1, -1, -1), 2, index[..., None, None].expand(-1, -1, -1, P, C))
+    ks, vs = (gathered(t).reshape(B, R, topk * P, heads, D).transpose(2, 3) for t in (kr, vr))  # [B, R, h, kP, D]
+    qh = qr.view(B, R, P, heads, D).transpose(2, 3)
+    out = ((qh * scale) @ ks.transpose(-1, -2)).softmax(-1) @ vs  # [B, R, heads, P, D]
+    out = out.view(B, n, n, heads, H // n, W // n, D).permute(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(B, H, W, heads, D)
+
+
+def problem(size, stage, batch, dtype, device, seed=0):
+    dim, topk, stride = STAGES[stage]
     side = -(-size // stride)
-    side += -side % 7  # a multiple of n_win, as the official model requires at these sizes
-    layer = BiLevelRoutingAttention(dim, heads, 7, topk=topk).to(device)
-    x = torch.randn(batch, side, side, dim, device=device, requires_grad=True)
-    run = (lambda: gather_bra(layer, x)) if impl == "gather" else (lambda: layer(x))
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    run().sum().backward()  # warm-up
+    side += -side % N_WIN
+    heads = dim // HEAD_DIM
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, side, side, heads, HEAD_DIM, generator=g).to(device, dtype).requires_grad_()
+               for _ in range(3))
+    regions = N_WIN * N_WIN
+    index = torch.rand(batch, regions, regions, generator=g).topk(topk, dim=-1).indices.to(device)
+    return q, k, v, index, side
+
+
+def method(name):
+    if name == "gather":
+        return lambda q, k, v, index: gather_attention(q, k, v, index, N_WIN, HEAD_DIM**-0.5)
+    return lambda q, k, v, index: bilevel_routing_attention(q, k, v, index, N_WIN, HEAD_DIM**-0.5, backend=name)
+
+
+def bench(fn, device, repeats, leaves=()):
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(leaves), return_mode="median")
     times = []
     for _ in range(repeats):
-        sync()
         start = time.perf_counter()
-        run().sum().backward()
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
-    return {"ms": 1000 * statistics.median(times), "peak_mb": max(peak, 0) / 2**20, "grid": side}
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: impl,size,stage in a subprocess
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def peak_mib(fn, device) -> float:
+    """MiB allocated by ``fn`` at its peak (result held) above what was allocated before."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:  # peak RSS only grows: meaningful for the first runs of a fresh process
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result = fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    del result
+    return max(peak, 0) / 2**20
+
+
+def measure(name, size, stage, batch, dtype, device, repeats) -> dict:
+    """ms of forward, backward and both; MiB at the peak of the forward (autograd on) and of forward+backward
+    above the inputs; the largest output error against the fp32 torch reference."""
+    q, k, v, index, side = problem(size, stage, batch, dtype, device)
+    fn = method(name)
+    call = lambda: fn(q, k, v, index)
+    grad = torch.randn(q.shape, device=device, dtype=dtype)
+    step = lambda: torch.autograd.grad(call(), (q, k, v), grad)
+    if device == "cuda":
+        step()  # warm-up: compiles the kernels
+    fwd_peak, both_peak = peak_mib(call, device), peak_mib(step, device)
+    out = call()
+    fwd = bench(call, device, repeats)
+    bwd = bench(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), device, repeats)
+    both = bench(step, device, repeats)
+    with torch.no_grad():
+        ref = bilevel_routing_attention(q.float(), k.float(), v.float(), index, N_WIN, HEAD_DIM**-0.5,
+                                        backend="torch")
+        error = (call().float() - ref).abs().max().item()
+    return {"fwd": fwd, "bwd": bwd, "both": both, "fwd_peak": fwd_peak, "both_peak": both_peak,
+            "out_grads": 4 * q.numel() * q.element_size() / 2**20, "error": error, "side": side}
+
+
+def kv_copy_mib(size, stage, batch, dtype) -> float:
+    """MiB of the gathered K and V of the gather implementation: every query region's top-k regions."""
+    dim, topk, stride = STAGES[stage]
+    side = -(-size // stride)
+    side += -side % N_WIN
+    return 2 * batch * side * side * topk * dim * DTYPES[dtype].itemsize / 2**20
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default 4 (CPU: 1)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default fp16 fp32 (CPU: fp32)")
+    parser.add_argument("--sizes", nargs="+", type=int, help="input px, default 224 512 1024 (CPU: 224)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="default all (CPU: gather torch)")
+    parser.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (CUDA uses do_bench)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: method,size,stage,dtype in a subprocess
+    args = parser.parse_args(argv)
+    device = torch.device(args.device).type
+    cuda = device == "cuda"
+    batch = args.batch or (4 if cuda else 1)
     if args.one:
-        impl, size, stage = args.one.split(",")
-        print(json.dumps(measure(impl, int(size), int(stage), args.batch, args.repeats, device)))
-        return
+        name, size, stage, dtype = args.one.split(",")
+        print(json.dumps(measure(name, int(size), int(stage), batch, DTYPES[dtype], device, args.repeats)))
+        return 0
+    dtypes = args.dtypes or (["fp16", "fp32"] if cuda else ["fp32"])
+    sizes = args.sizes or ([224, 512, 1024] if cuda else [224])
+    names = args.methods or (list(METHODS) if cuda else ["gather", "torch"])
 
-    rows = []
-    for size in (224, 512):
-        for stage, *_ in STAGES:
-            result = {}
-            for impl in ("gather", "ours"):
-                cmd = [sys.executable, __file__, "--one", f"{impl},{size},{stage}", "--batch", str(args.batch),
-                       "--repeats", str(args.repeats)]
-                result[impl] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            g, o = result["gather"], result["ours"]
-            rows.append(f"| {size} | {stage} ({g['grid']}x{g['grid']}) | {g['ms']:.1f} | {o['ms']:.1f} | "
-                        f"{g['ms'] / o['ms']:.2f}x | {g['peak_mb']:.0f} | {o['peak_mb']:.0f} | "
-                        f"{g['peak_mb'] / max(o['peak_mb'], 1e-9):.2f}x |")
-            print(rows[-1], flush=True)
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    table = "\n".join([
-        f"# BRA forward+backward, BiFormer-T stages, batch {args.batch}, fp32, {name}",
-        "",
-        "Command: `python benchmarks/bench_bra.py`. Speed-up and memory ratio: gather / ours (higher is better for ours).",
-        "",
-        "| input | stage (grid) | gather ms | ours ms | speed-up | gather peak MB | ours peak MB | memory ratio |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-    ])
-    out = Path(__file__).parent / "results" / f"bra_{device}.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(table + "\n")
-    print(f"\nwritten to {out}")
+    def run(name, size, stage, dtype):
+        if cuda:  # in process: the peak is reset per measurement
+            return measure(name, size, stage, batch, DTYPES[dtype], device, args.repeats)
+        cmd = [sys.executable, __file__, "--device", device, "--one", f"{name},{size},{stage},{dtype}",
+               "--batch", str(batch), "--repeats", str(args.repeats)]  # a fresh process: peak RSS is per method
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+    title = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads), smoke run"
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"# Bi-level routing attention (token step), BiFormer-T/S stages, batch {batch}, {title}", "",
+             f"`{' '.join(['python benchmarks/bench_bra.py', command]).strip()}`; torch {torch.__version__}.", "",
+             *([] if cuda else ["CPU: a smoke run that checks the script end to end. On a shared CPU the timings are "
+                                "noisy, and RSS peaks include first-call allocations (~15 MiB), so neither "
+                                "measures the methods; the fused kernels need CUDA.", ""]),
+             "Speed-up: gather fwd+bwd ms / this method's. Peaks are above the inputs; workspace is the fwd+bwd peak "
+             "less the output and dQ/dK/dV (4 input-sized tensors every method must hold). K/V copy: the gather's "
+             "gathered keys and values. Targets (issue #7, triton): workspace <= copy / top-k (the size of K and V), "
+             "speed-up >= 2.", "",
+             "| dtype | input | stage (grid, top-k) | method | fwd ms | bwd ms | fwd+bwd ms | speed-up | fwd peak MiB "
+             "| fwd+bwd peak MiB | workspace MiB | K/V copy MiB | copy / top-k MiB | max error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for dtype in dtypes:
+        for size in sizes:
+            for stage in STAGES:
+                topk = STAGES[stage][1]
+                copy = kv_copy_mib(size, stage, batch, dtype)
+                results = {}
+                for name in names:
+                    try:
+                        results[name] = run(name, size, stage, dtype)
+                    except Exception as failure:  # e.g. out of memory: reported, not fatal
+                        results[name] = {"failed": f"{type(failure).__name__}: {str(failure).splitlines()[0][:80]}"}
+                base = results.get("gather", {}).get("both")
+                for name, r in results.items():
+                    where = f"| {dtype} | {size} | {stage} ({r.get('side', '?')}², {topk}) | {name} |"
+                    if "failed" in r:
+                        lines.append(f"{where} failed: {r['failed']} |||||||||")
+                    else:
+                        speedup = f"{base / r['both']:.2f}x" if base else "n/a"
+                        lines.append(f"{where} {r['fwd']:.2f} | {r['bwd']:.2f} | {r['both']:.2f} | {speedup} | "
+                                     f"{r['fwd_peak']:.1f} | {r['both_peak']:.1f} | "
+                                     f"{r['both_peak'] - r['out_grads']:.1f} | {copy:.1f} | {copy / topk:.1f} | "
+                                     f"{r['error']:.1e} |")
+                    print(lines[-1], flush=True)
+    out = args.out or RESULTS / f"bra_{device}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"written {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

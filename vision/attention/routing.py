@@ -13,9 +13,9 @@ Sizes not divisible by ``n_win`` are zero-padded at the bottom/right *before* th
 cropped after, as the official ``auto_pad`` does (padded tokens are ordinary, unmasked keys whose
 q/k/v equal the projection bias); ``mask_padding=True`` instead keeps padded tokens out of the keys.
 
-The gathered keys and values of all query regions are never built in one piece: query regions are
-processed in chunks of bounded size (each chunk checkpointed under autograd, so training memory is
-bounded too); a fused kernel that reads routed regions in place is a separate piece of work.
+The token-level step is :func:`kernels.bilevel_routing_attention`: with ``backend="torch"`` it gathers the
+routed keys and values of a bounded chunk of query regions at a time; the fused Triton kernels (picked by
+``"auto"`` for CUDA tensors) read routed regions in place and never copy K/V.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from kernels import bilevel_routing_attention
 
 from ._maps import probe_points
 
@@ -33,11 +34,6 @@ def _to_regions(x: torch.Tensor, n: int) -> torch.Tensor:
     B, H, W, C = x.shape
     x = x.view(B, n, H // n, n, W // n, C).transpose(2, 3)
     return x.reshape(B, n * n, (H // n) * (W // n), C)
-
-
-def _from_regions(x: torch.Tensor, n: int, H: int, W: int) -> torch.Tensor:
-    B, _, _, C = x.shape
-    return x.view(B, n, n, H // n, W // n, C).transpose(2, 3).reshape(B, H, W, C)
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -52,7 +48,8 @@ class BiLevelRoutingAttention(nn.Module):
         topk: routed regions per query region (clamped to the number of regions).
         side_dwconv: LePE kernel size (0 disables LePE).
         mask_padding: mask padded tokens out of the keys instead of the official unmasked padding.
-        max_chunk_elements: bound on the gathered K/V elements held at once (sets the chunk size).
+        max_chunk_elements: torch backend: bound on the gathered K/V elements held at once (sets the chunk size).
+        backend: token-attention backend of :func:`kernels.bilevel_routing_attention`.
     """
 
     def __init__(
@@ -66,6 +63,7 @@ class BiLevelRoutingAttention(nn.Module):
         side_dwconv: int = 5,
         mask_padding: bool = False,
         max_chunk_elements: int = 2**24,
+        backend: str = "auto",
     ):
         super().__init__()
         self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
@@ -73,7 +71,7 @@ class BiLevelRoutingAttention(nn.Module):
         if self.qk_dim % num_heads or dim % num_heads:
             raise ValueError(f"qk_dim {self.qk_dim} and dim {dim} must be divisible by num_heads {num_heads}")
         self.scale = qk_scale or self.qk_dim**-0.5
-        self.mask_padding, self.max_chunk_elements = mask_padding, max_chunk_elements
+        self.mask_padding, self.max_chunk_elements, self.backend = mask_padding, max_chunk_elements, backend
         self.qkv = nn.Linear(dim, 2 * self.qk_dim + dim)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv else None
         self.proj = nn.Linear(dim, dim)
@@ -83,21 +81,6 @@ class BiLevelRoutingAttention(nn.Module):
         with torch.no_grad():
             logits = (q.mean(2) * self.scale) @ k.mean(2).transpose(-1, -2)
             return logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-                key_valid: torch.Tensor | None) -> torch.Tensor:
-        """Token attention for a chunk of query regions: q ``[B, c, P, qk]``, index ``[B, c, topk]``."""
-        B, c, P, _ = q.shape
-        heads = self.num_heads
-        batch = torch.arange(B, device=q.device)[:, None, None]
-        ks = k[batch, index].flatten(2, 3)  # [B, c, topk*P, qk]: the routed regions' keys
-        vs = v[batch, index].flatten(2, 3)
-        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(2, 3).flatten(0, 1)  # [B*c, heads, L, d]
-        mask = None
-        if key_valid is not None:
-            mask = key_valid[index].flatten(-2)[:, :, None, None, :].flatten(0, 1)  # [B*c, 1, 1, topk*P]
-        out = F.scaled_dot_product_attention(split(q), split(ks), split(vs), attn_mask=mask, scale=self.scale)
-        return out.unflatten(0, (B, c)).transpose(2, 3).flatten(-2)  # [B, c, P, dim]
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,32 +102,20 @@ class BiLevelRoutingAttention(nn.Module):
         pad_h, pad_w = -H % n, -W % n
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        Hp, Wp = H + pad_h, W + pad_w
         q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
-        qr, kr, vr = (_to_regions(t, n) for t in (q, k, v))
-        index = self.route(qr, kr)
+        index = self.route(_to_regions(q, n), _to_regions(k, n))
 
-        key_valid = None
-        if self.mask_padding and (pad_h or pad_w):
-            valid = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool, device=x.device)
-            valid[:, :H, :W] = True
-            key_valid = _to_regions(valid, n)[0, :, :, 0]  # [n², P]
-
-        regions, P = qr.shape[1], qr.shape[2]
-        per_region = B * index.shape[-1] * P * (self.qk_dim + self.dim)  # gathered K/V elements per query region
-        chunk = max(1, min(regions, self.max_chunk_elements // max(1, per_region)))
-        outs = []
-        for start in range(0, regions, chunk):
-            args = (qr[:, start:start + chunk], kr, vr, index[:, start:start + chunk], key_valid)
-            if chunk < regions and torch.is_grad_enabled() and x.requires_grad:
-                outs.append(checkpoint(self._attend, *args, use_reentrant=False))  # keep only this chunk's output
-            else:
-                outs.append(self._attend(*args))
-        out = _from_regions(torch.cat(outs, dim=1), n, Hp, Wp)
-
-        if self.lepe is not None:
-            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.proj(out)[:, :H, :W]
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # [B, Hp, Wp, heads, d]: views, no copy
+        if self.mask_padding:  # the op sees the real tokens only and keeps the padding it adds out of the keys
+            q, k, v_attn = (t[:, :H, :W] for t in (q, k, v))
+        else:  # the official padding: padded tokens are ordinary keys carrying the projection bias
+            v_attn = v
+        out = bilevel_routing_attention(heads(q), heads(k), heads(v_attn), index, n, self.scale, self.mask_padding,
+                                        self.backend, self.max_chunk_elements)
+        out = out.flatten(-2)[:, :H, :W]
+        if self.lepe is not None:  # LePE sees the padded map, as the official code does
+            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)[:, :H, :W]
+        return self.proj(out)
 
 
 class AttentionLePE(nn.Module):

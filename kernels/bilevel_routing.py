@@ -1,0 +1,149 @@
+"""Bi-level routing attention (BiFormer), token-level step: attention to routed regions.
+
+The ``[B, H, W]`` grid is cut into ``n_win x n_win`` regions (a region *count* per side) of
+``⌈H/n_win⌉ x ⌈W/n_win⌉`` tokens, both row-major. Query region ``r`` attends to every token of the regions
+``region_index[..., r, :]`` names (top-k routing is the caller's: this op takes the index).
+
+Sizes not divisible by ``n_win`` are zero-padded at the bottom/right *after* the projection, as the official
+``nchwBRA`` does: padded keys are ordinary keys with k = v = 0 (logit 0), unless ``mask_padding=True`` keeps
+them out. (The legacy BRA of the released checkpoints pads *before* the projection, so that padded tokens
+carry the projection bias; a module reproducing it pads its input and passes a divisible grid.)
+
+Backends: the torch reference gathers the routed keys and values of a bounded chunk of query regions at a
+time (each chunk checkpointed under autograd); the fused Triton kernels (``kernels/triton_bilevel.py``) read
+routed regions in place through the index and never copy K/V. Both are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ._checks import BACKENDS
+
+try:
+    from . import triton_bilevel
+except ImportError:  # no Triton wheel for this platform (macOS, Windows): the torch backend serves all
+    triton_bilevel = None
+
+__all__ = ["bilevel_routing_attention"]
+
+
+def _to_regions(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, H, W, heads, D] -> [B, heads, n*n, (H/n)*(W/n), D]`` (H, W multiples of n)."""
+    B, H, W, heads, D = x.shape
+    x = x.view(B, n, H // n, n, W // n, heads, D).permute(0, 5, 1, 3, 2, 4, 6)
+    return x.reshape(B, heads, n * n, (H // n) * (W // n), D)
+
+
+def _from_regions(x: torch.Tensor, n: int, H: int, W: int) -> torch.Tensor:
+    B, heads, _, _, D = x.shape
+    return x.view(B, heads, n, n, H // n, W // n, D).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, H, W, heads, D)
+
+
+def _attend(q, k, v, index, key_valid, scale):
+    """Chunk of query regions ``q [B, heads, c, P, Dqk]`` with routing ``index [B, heads, c, topk]`` against
+    all key regions ``k [B, heads, R, P, Dqk]``: gathers the routed regions' keys and values, then SDPA."""
+    B, heads, c, P, _ = q.shape
+    R, topk = k.shape[2], index.shape[-1]
+    rows = (torch.arange(B * heads, device=q.device).view(B, heads, 1, 1) * R + index).flatten()
+    # index_select (its backward is an index_add) rather than fancy indexing, whose backward is slow on CPU
+    ks, vs = (t.flatten(0, 2).index_select(0, rows).view(B, heads, c, topk * P, -1) for t in (k, v))
+    mask = key_valid[index].flatten(-2).unsqueeze(-2) if key_valid is not None else None  # [B, heads, c, 1, topk*P]
+    return F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, scale=scale)
+
+
+def _torch_reference(q, k, v, index, n, scale, mask_padding, max_chunk_elements):
+    B, H, W, heads, _ = q.shape
+    pad_h, pad_w = -H % n, -W % n
+    if pad_h or pad_w:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad_w, 0, pad_h)) for t in (q, k, v))
+    qr, kr, vr = (_to_regions(t, n) for t in (q, k, v))
+    index = (index[:, None] if index.ndim == 3 else index).expand(B, heads, -1, -1)
+    key_valid = None
+    if mask_padding and (pad_h or pad_w):
+        valid = torch.zeros(1, H + pad_h, W + pad_w, 1, 1, dtype=torch.bool, device=q.device)
+        valid[:, :H, :W] = True
+        key_valid = _to_regions(valid, n)[0, 0, :, :, 0]  # [n², P]
+
+    regions, P, topk = qr.shape[2], qr.shape[3], index.shape[-1]
+    per_region = B * heads * topk * P * (k.shape[-1] + v.shape[-1])  # gathered K/V elements per query region
+    chunk = max(1, min(regions, max_chunk_elements // max(1, per_region)))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs = []
+    for start in range(0, regions, chunk):
+        args = (qr[:, :, start:start + chunk], kr, vr, index[:, :, start:start + chunk], key_valid, scale)
+        if chunk < regions and needs_grad:
+            outs.append(checkpoint(_attend, *args, use_reentrant=False))  # keep only this chunk's output
+        else:
+            outs.append(_attend(*args))
+    return _from_regions(torch.cat(outs, dim=2), n, H + pad_h, W + pad_w)[:, :H, :W]
+
+
+def _use_triton(q: torch.Tensor, v: torch.Tensor, backend: str) -> bool:
+    """``"auto"``: the fused kernels for CUDA tensors they support (head dims 16..128, fp16/bf16/fp32); they
+    use no atomics, so deterministic mode keeps them. ``"triton"`` insists, and says why when it cannot."""
+    if backend == "torch":
+        return False
+    supported = all(16 <= t.shape[-1] <= 128 for t in (q, v)) and q.dtype in (torch.float16, torch.bfloat16,
+                                                                               torch.float32)
+    if backend == "auto":
+        return triton_bilevel is not None and q.is_cuda and supported
+    if triton_bilevel is None:
+        raise RuntimeError("backend='triton' needs the triton package (Linux wheels only); use backend='torch'")
+    if not (q.is_cuda or triton_bilevel.INTERPRETED):
+        raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before `kernels` is "
+                           f"imported to run the kernels on {q.device} in Triton's interpreter")
+    return True
+
+
+def _check(q, k, v, index, n_win, backend):
+    if q.ndim != 5 or k.shape != q.shape or v.shape[:4] != q.shape[:4]:
+        raise ValueError(f"q, k must be [B, H, W, heads, Dqk] and v [B, H, W, heads, Dv] on one grid; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, W, heads, _ = q.shape
+    if not 1 <= n_win <= min(H, W):
+        raise ValueError(f"n_win={n_win} regions per side do not fit the {H}x{W} grid")
+    expected = "[B, n_win², topk] or [B, heads, n_win², topk]"
+    if index.ndim not in (3, 4) or index.shape[0] != B or index.shape[-2] != n_win**2 or (
+            index.ndim == 4 and index.shape[1] != heads):
+        raise ValueError(f"region_index must be {expected} = [{B}, ({heads},) {n_win**2}, topk]; got "
+                         f"{tuple(index.shape)}")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"region_index must hold int32/int64 region ids; got {index.dtype}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+
+
+def bilevel_routing_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    region_index: torch.Tensor,
+    n_win: int,
+    scale: float | None = None,
+    mask_padding: bool = False,
+    backend: str = "auto",
+    max_chunk_elements: int = 2**24,
+) -> torch.Tensor:
+    """Every query attends to all tokens of the regions its region routed to.
+
+    Args:
+        q, k: ``[B, H, W, heads, Dqk]``; v: ``[B, H, W, heads, Dv]`` (strided views are fine).
+        region_index: ``[B, n_win², topk]`` (one routing for all heads, as BiFormer) or
+            ``[B, heads, n_win², topk]``: the key regions (row-major ids) each query region attends to. Ids
+            must lie in ``[0, n_win²)``; they are not checked (that would synchronise the GPU every call).
+        n_win: regions per side.
+        scale: logit scale, default ``Dqk ** -0.5`` (BiFormer passes ``qk_dim ** -0.5``).
+        mask_padding: keep zero-padded keys (sizes not divisible by ``n_win``) out of the softmax.
+        backend: ``"auto"`` (Triton for CUDA tensors it supports, else torch) | ``"torch"`` | ``"triton"``.
+        max_chunk_elements: torch backend only: bound on the gathered K/V elements held at once.
+    Returns:
+        ``[B, H, W, heads, Dv]``.
+    """
+    _check(q, k, v, region_index, n_win, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if _use_triton(q, v, backend):
+        return triton_bilevel.routed_attention(q, k, v, region_index, n_win, scale, mask_padding)
+    return _torch_reference(q, k, v, region_index, n_win, scale, mask_padding, max_chunk_elements)
