@@ -26,24 +26,27 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
 
 
-def use_triton(q: torch.Tensor, backend: str, dropout_p: float) -> bool:
-    """Whether this call runs the fused Triton kernels.
+def use_triton(q: torch.Tensor, backend: str, kernels=triton_windowed, *, head_dims=None, dropout_p: float = 0.0,
+               atomics: bool = True) -> bool:
+    """Whether this call runs the fused Triton kernels of the module ``kernels`` (None without Triton).
 
-    ``"auto"`` picks them for CUDA tensors they support (head dim 16..128, no attention dropout) unless
-    deterministic algorithms are requested (dRPB accumulates with atomics), and the torch reference
-    otherwise; ``"triton"`` insists, and says why when it cannot run.
+    ``"auto"`` picks them for CUDA tensors they support (every head dim in ``head_dims``, default q's, within
+    16..128; fp16/bf16/fp32; no attention dropout), unless deterministic algorithms are requested and the
+    kernels accumulate with ``atomics``; the torch reference otherwise. ``"triton"`` insists, and says why
+    when it cannot run.
     """
     if backend == "torch":
         return False
-    supported = 16 <= q.shape[-1] <= 128 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    head_dims = (q.shape[-1],) if head_dims is None else head_dims
+    supported = all(16 <= d <= 128 for d in head_dims) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     if backend == "auto":
-        return (triton_windowed is not None and q.is_cuda and supported and not dropout_p
-                and not torch.are_deterministic_algorithms_enabled())
-    if triton_windowed is None:
+        return (kernels is not None and q.is_cuda and supported and not dropout_p
+                and not (atomics and torch.are_deterministic_algorithms_enabled()))
+    if kernels is None:
         raise RuntimeError("backend='triton' needs the triton package (Linux wheels only); use backend='torch'")
     if dropout_p:
         raise ValueError(f"backend='triton' has no attention dropout (dropout_p={dropout_p}); use backend='torch'")
-    if not (q.is_cuda or triton_windowed.INTERPRETED):
+    if not (q.is_cuda or kernels.INTERPRETED):
         raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before `kernels` is "
                            f"imported to run the kernels on {q.device} in Triton's interpreter")
     return True

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import BACKENDS
+from ._checks import BACKENDS, use_triton
 
 try:
     from . import triton_bilevel
@@ -81,23 +81,6 @@ def _torch_reference(q, k, v, index, n, scale, mask_padding, max_chunk_elements)
     return _from_regions(torch.cat(outs, dim=2), n, H + pad_h, W + pad_w)[:, :H, :W]
 
 
-def _use_triton(q: torch.Tensor, v: torch.Tensor, backend: str) -> bool:
-    """``"auto"``: the fused kernels for CUDA tensors they support (head dims 16..128, fp16/bf16/fp32); they
-    use no atomics, so deterministic mode keeps them. ``"triton"`` insists, and says why when it cannot."""
-    if backend == "torch":
-        return False
-    supported = all(16 <= t.shape[-1] <= 128 for t in (q, v)) and q.dtype in (torch.float16, torch.bfloat16,
-                                                                               torch.float32)
-    if backend == "auto":
-        return triton_bilevel is not None and q.is_cuda and supported
-    if triton_bilevel is None:
-        raise RuntimeError("backend='triton' needs the triton package (Linux wheels only); use backend='torch'")
-    if not (q.is_cuda or triton_bilevel.INTERPRETED):
-        raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before `kernels` is "
-                           f"imported to run the kernels on {q.device} in Triton's interpreter")
-    return True
-
-
 def _check(q, k, v, index, n_win, backend):
     if q.ndim != 5 or k.shape != q.shape or v.shape[:4] != q.shape[:4]:
         raise ValueError(f"q, k must be [B, H, W, heads, Dqk] and v [B, H, W, heads, Dv] on one grid; got "
@@ -144,6 +127,6 @@ def bilevel_routing_attention(
     """
     _check(q, k, v, region_index, n_win, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if _use_triton(q, v, backend):
+    if use_triton(q, backend, triton_bilevel, head_dims=(q.shape[-1], v.shape[-1]), atomics=False):
         return triton_bilevel.routed_attention(q, k, v, region_index, n_win, scale, mask_padding)
     return _torch_reference(q, k, v, region_index, n_win, scale, mask_padding, max_chunk_elements)
