@@ -19,14 +19,18 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def gmacs(model: torch.nn.Module, input_size: tuple[int, int, int], device: str = "cpu") -> float:
-    """GMACs of one image (half the multiply-adds + adds ``FlopCounterMode`` counts), as the model runs it."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """GMACs of one image (half the multiply-adds + adds ``FlopCounterMode`` counts), as the model runs it.
+
+    Attention runs through SDPA's math backend while counting: the counter sees no FLOPs in the fused CPU
+    kernel, so BiFormer's and LITv2's attention would otherwise count as free."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, *input_size, device=device))
     return counter.get_total_flops() / 2e9
 
