@@ -11,6 +11,7 @@ Dice and HD95 (MONAI metrics, in mm from the volume's affine), averaged over cas
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -105,7 +106,10 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
     label_1h = nn.functional.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).float()
     dice = compute_dice(pred_1h, label_1h, include_background=False, ignore_empty=True)
     sp = spacing.tolist() if spacing is not None else None
-    hd = compute_hausdorff_distance(pred_1h, label_1h, include_background=False, percentile=95, spacing=sp)
+    with warnings.catch_warnings():  # empty masks are handled below; MONAI would warn for each of them
+        warnings.filterwarnings("ignore", message=".*all 0, this may result in nan/inf distance")
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        hd = compute_hausdorff_distance(pred_1h, label_1h, include_background=False, percentile=95, spacing=sp)
     extent = torch.tensor(label.shape[2:], dtype=torch.float64, device=hd.device)
     scale = spacing.to(hd.device, torch.float64) if spacing is not None else torch.ones_like(extent)
     diagonal = ((extent * scale) ** 2).sum(-1).sqrt().to(hd.dtype).expand(hd.shape[0]).unsqueeze(1)
