@@ -309,7 +309,8 @@ def test_quickstart_medical_step(compose_cfg, tmp_path, network):
     metrics, objects = train(cfg)
     assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/dice"] <= 1 and metrics["test/hd95"] >= 0
     assert {"val/dice_1", "val/dice_2", "val/hd95_2", "val/dice_best"} <= set(metrics)
-    overlays = list(Path(objects["trainer"].log_dir).glob("medical_overlays/*.png"))
+    trainer = objects["trainer"]  # fast_dev_run swaps the CSV logger for a dummy: PNGs go to the run's root
+    overlays = list(Path(trainer.log_dir or trainer.default_root_dir).glob("medical_overlays/*.png"))
     assert overlays and Image.open(overlays[0]).size[0] == 3 * 32 + 4 * 2  # image | truth | prediction
 
 
@@ -338,3 +339,15 @@ def test_medmnist_recipe_step(compose_cfg, tmp_path):
                                 "data.eval_batch_size=4"])
     metrics, _ = train(cfg)
     assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/acc"] <= 1
+
+
+def test_smp_backbone_loads_a_local_pretrained_file(tmp_path):
+    import timm
+
+    source = timm.create_model("resnet18", channels=[8, 16, 32, 64])
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    backbone = {"name": "resnet18", "pretrained_file": str(tmp_path / "resnet18.pth"),
+                "kwargs": {"channels": [8, 16, 32, 64]}}
+    net = build_network("smp", backbone, in_channels=3, num_classes=2, spatial_dims=2)
+    torch.testing.assert_close(dict(net.encoder.model.named_parameters())["layer4.1.conv2.weight"],
+                               source.layer4[1].conv2.weight)

@@ -457,7 +457,7 @@ def read_medmnist(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if not path.is_file():
         raise FileNotFoundError(
             f"MedMNIST file {path} not found: download <flag>[_<size>].npz from the MedMNIST Zenodo record "
-            "(or `python -m medmnist save`) into data.root; see data/README.md"
+            "(or `python -m medmnist download`, into ~/.medmnist) and set data.root to its folder; see data/README.md"
         )
     with np.load(path) as npz:
         missing = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels") if f"{s}_{k}" not in npz]
