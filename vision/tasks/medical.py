@@ -64,8 +64,11 @@ def build_network(network: str, backbone: dict, in_channels: int, num_classes: i
     if network == "swin_unetr":
         from monai.networks.nets import SwinUNETR
 
-        return SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
-                         **{"feature_size": 24, **net_kwargs})
+        try:
+            return SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
+                             **{"feature_size": 24, **net_kwargs})
+        except ModuleNotFoundError as err:  # MONAI's optional dependency, not installed with this package
+            raise ModuleNotFoundError(f"network=swin_unetr needs {err.name!r}: pip install {err.name}") from err
     raise ValueError(f"network={network!r}; expected one of {NETWORKS}")
 
 
