@@ -64,11 +64,12 @@ def build_network(network: str, backbone: dict, in_channels: int, num_classes: i
     if network == "swin_unetr":
         from monai.networks.nets import SwinUNETR
 
-        try:
-            return SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
-                             **{"feature_size": 24, **net_kwargs})
-        except ModuleNotFoundError as err:  # MONAI's optional dependency, not installed with this package
-            raise ModuleNotFoundError(f"network=swin_unetr needs {err.name!r}: pip install {err.name}") from err
+        import importlib.util
+
+        if importlib.util.find_spec("einops") is None:  # MONAI imports it lazily, at the first forward
+            raise ModuleNotFoundError("network=swin_unetr needs MONAI's optional dependency einops: pip install einops")
+        return SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
+                         **{"feature_size": 24, **net_kwargs})
     raise ValueError(f"network={network!r}; expected one of {NETWORKS}")
 
 
