@@ -62,9 +62,9 @@ def build_network(network: str, backbone: dict, in_channels: int, num_classes: i
         return UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
                     **{**kwargs, **net_kwargs})
     if network == "swin_unetr":
-        from monai.networks.nets import SwinUNETR
-
         import importlib.util
+
+        from monai.networks.nets import SwinUNETR
 
         if importlib.util.find_spec("einops") is None:  # MONAI imports it lazily, at the first forward
             raise ModuleNotFoundError("network=swin_unetr needs MONAI's optional dependency einops: pip install einops")
