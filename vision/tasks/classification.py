@@ -74,6 +74,7 @@ class ClassificationModule(L.LightningModule):
 
         top_k = min(5, num_classes)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_loss.persistent(True)  # a mid-epoch checkpoint resumes the epoch's mean loss
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -109,17 +110,13 @@ class ClassificationModule(L.LightningModule):
             loss = SoftTargetCrossEntropy()(self.model(images), soft_targets)
         else:
             loss = F.cross_entropy(self.model(images), targets, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(lr {self.optimizers().param_groups[0]['lr']:.3g}); lower task.lr, raise warmup, or use "
-                "trainer.gradient_clip_val / fp32 precision"
-            )
         self.train_loss(loss.detach())
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # right after the step, before callbacks' on_train_batch_end: a checkpoint saved there holds this EMA
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
 
