@@ -2,6 +2,6 @@
 
 from .attention_maps import AttentionMaps
 from .keep_rate import KeepRateSchedule
-from .reliability import BadSampleCount, NonFiniteGuard, Preemption, RNGState
+from .reliability import BadSampleCount, NonFiniteGuard, Preemption, ResumeState
 
-__all__ = ["AttentionMaps", "BadSampleCount", "KeepRateSchedule", "NonFiniteGuard", "Preemption", "RNGState"]
+__all__ = ["AttentionMaps", "BadSampleCount", "KeepRateSchedule", "NonFiniteGuard", "Preemption", "ResumeState"]

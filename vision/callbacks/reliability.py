@@ -1,4 +1,4 @@
-"""Task-agnostic reliability callbacks: non-finite losses and gradients, preemption, RNG state, bad samples.
+"""Task-agnostic reliability callbacks: non-finite losses and gradients, preemption, exact resume, bad samples.
 
 Each works with any LightningModule/DataModule: none reads a task's attributes.
 """
@@ -120,9 +120,16 @@ class Preemption(Callback):
         rank_zero_info(f"preempted at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {path}")
 
 
-class RNGState(Callback):
-    """Puts the torch (CPU and CUDA), numpy and Python RNG states in checkpoints and restores them at the first
-    training batch after a resume, so dropout, drop-path and Mixup draw what an uninterrupted run would."""
+class ResumeState(Callback):
+    """Completes Lightning's resume so that a resumed run continues exactly where the checkpoint was taken.
+
+    - RNG: the torch (CPU and CUDA), numpy and Python RNG states go into checkpoints and are restored at the
+      first training batch after a resume, so dropout, drop-path and Mixup draw what an uninterrupted run would.
+    - Data position: Lightning saves a stateful training loader's ``state_dict()`` (e.g.
+      :class:`~vision.datamodules.ResumableLoader`), but when ``configure_optimizers`` reads
+      ``trainer.estimated_stepping_batches`` the loader is built before the checkpoint is restored and the
+      saved state is never handed back (Lightning 2.6); this hands it back before the first batch.
+    """
 
     def __init__(self):
         self._pending: dict[str, Any] | None = None
@@ -138,6 +145,9 @@ class RNGState(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict  # restored at the first batch: sanity checks and loader setup come between
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.fit_loop._load_combined_loader_states()  # no-op unless restarting mid-epoch with saved states
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
         if self._pending is None:
