@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from vision.callbacks import NonFiniteGuard
 from vision.tasks import ClassificationModule
 from vision.tasks.classification import warmup_cosine
 
@@ -19,9 +20,10 @@ def loaders(n: int = 32, batch: int = 8):
     return DataLoader(data, batch_size=batch, drop_last=True), DataLoader(data, batch_size=batch)
 
 
-def fit(module: ClassificationModule, steps: int = 4) -> L.Trainer:
+def fit(module: ClassificationModule, steps: int = 4, callbacks=()) -> L.Trainer:
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                        callbacks=list(callbacks))
     train, val = loaders()
     trainer.fit(module, train, val)
     return trainer
@@ -67,7 +69,7 @@ def test_nan_loss_is_a_clear_error():
     module = ClassificationModule(BACKBONE, num_classes=4, in_chans=1)
     module.model.fc.weight.data.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite training loss.*epoch 0, step 0"):
-        fit(module, steps=1)
+        fit(module, steps=1, callbacks=[NonFiniteGuard()])  # the pipeline's callbacks.nonfinite
 
 
 def test_bf16_mixed_precision_trains():

@@ -9,7 +9,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .datasets import ArrayDataset, ImageFolderDataset, collate_skip_none, read_idx, seed_worker_transform
+from .datasets import (
+    ArrayDataset,
+    BadSamples,
+    ImageFolderDataset,
+    TransformedDataset,
+    bad_sample_policy,
+    collate_skip_none,
+    read_idx,
+    seed_worker_transform,
+)
+from .loaders import ResumableLoader, ResumableSampler
 from .transforms import backbone_eval_config, build_transforms
 
 
@@ -18,6 +28,10 @@ class ClassificationDataModule(L.LightningDataModule):
 
     Preprocessing follows the backbone's timm ``pretrained_cfg`` (mean, std, crop_pct,
     interpolation) unless given explicitly. ``randaugment`` = ``{magnitude: 9, num_ops: 2}``.
+    ``on_bad_sample``: ``error`` (default) or ``skip`` unreadable images (warned, counted in :attr:`skipped`);
+    ``skip_corrupt`` is its deprecated boolean spelling. The training loader resumes mid-epoch
+    (:class:`~vision.datamodules.loaders.ResumableLoader`); its order and augmentations are a function of
+    (seed, epoch) on any number of processes and workers.
     """
 
     def __init__(
@@ -40,10 +54,12 @@ class ClassificationDataModule(L.LightningDataModule):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
         randaugment: dict | None = None,
-        skip_corrupt: bool = False,
+        on_bad_sample: str = "error",
+        skip_corrupt: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
+        self.bad_samples = BadSamples(bad_sample_policy(on_bad_sample, skip_corrupt))
         self.root = Path(root).expanduser()
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -53,6 +69,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.seed = 0
 
     def transforms(self, train: bool):
         hp = self.hparams
@@ -70,7 +87,8 @@ class ClassificationDataModule(L.LightningDataModule):
                     f"the training split has {len(self.train_set)} images, fewer than data.batch_size="
                     f"{self.hparams.batch_size}; lower data.batch_size"
                 )
-            self.train_transform.set_random_seed(torch.initial_seed() % 2**32)  # main-process loading
+            self.seed = torch.initial_seed() % 2**31  # seed_everything's: the same on every rank
+            self.train_transform.set_random_seed(self.seed)  # main-process loading
 
     @property
     def train_transform(self):
@@ -78,23 +96,26 @@ class ClassificationDataModule(L.LightningDataModule):
 
     @property
     def skipped(self) -> int:
-        """Number of corrupt files skipped so far (``skip_corrupt=true``), over all splits."""
-        sets = {id(_base_dataset(s)): _base_dataset(s) for s in (self.train_set, self.val_set, self.test_set) if s}
-        return sum(getattr(s, "skipped", 0) for s in sets.values())
+        """Number of bad samples skipped so far (``on_bad_sample=skip``), over all splits."""
+        return self.bad_samples.count
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            shuffle=train,
-            drop_last=train,  # Mixup/CutMix need even, full batches
+        common = dict(
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
             worker_init_fn=seed_worker_transform,
             collate_fn=collate_skip_none,
         )
+        if not train:
+            return DataLoader(dataset, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False, **common)
+        # the ranks' share of a (seed, epoch) permutation; Lightning's own split when distributed
+        ranks = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        sampler = ResumableSampler(dataset, seed=self.seed, **ranks,
+                                   sample_seeds=isinstance(dataset, TransformedDataset))
+        # drop_last: Mixup/CutMix need even, full batches
+        return ResumableLoader(dataset, sampler, batch_size=hp.batch_size, drop_last=True, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -123,7 +144,7 @@ class ImageFolderDataModule(ClassificationDataModule):
                 "(the ImageNet layout; for ImageNet-1k, extract ILSVRC2012_img_train.tar into train/ and sort "
                 "the validation images into per-class folders under val/)"
             )
-        kw = dict(in_chans=self.in_chans, skip_corrupt=self.hparams.skip_corrupt)
+        kw = dict(in_chans=self.in_chans, bad_samples=self.bad_samples)
         train = ImageFolderDataset(self.root / "train", self.transforms(train=True), **kw)
         if len(train.classes) != self.num_classes:
             raise ValueError(
@@ -175,7 +196,8 @@ class FashionMNISTDataModule(ClassificationDataModule):
         train_idx, val_idx = order[: len(order) - self.val_size], order[len(order) - self.val_size:]
         if self.train_subset:
             train_idx = train_idx[: self.train_subset]
-        train = ArrayDataset(images[train_idx], labels[train_idx], self.transforms(train=True))
-        val = ArrayDataset(images[val_idx], labels[val_idx], self.transforms(train=False))
-        test = ArrayDataset(*self._read("test"), transform=self.transforms(train=False))
+        kw = dict(bad_samples=self.bad_samples)
+        train = ArrayDataset(images[train_idx], labels[train_idx], self.transforms(train=True), **kw)
+        val = ArrayDataset(images[val_idx], labels[val_idx], self.transforms(train=False), **kw)
+        test = ArrayDataset(*self._read("test"), transform=self.transforms(train=False), **kw)
         return train, val, test

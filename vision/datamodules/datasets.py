@@ -1,10 +1,18 @@
-"""Dataset readers: ImageNet-style image folders and in-memory arrays (Fashion-MNIST's idx files)."""
+"""Dataset readers: ImageNet-style image folders and in-memory arrays (Fashion-MNIST's idx files).
+
+Unusable samples follow one policy for every task (``data.on_bad_sample``): a reader raises
+:class:`BadSampleError` (or uses :func:`read_image` / :func:`check_mask` / :func:`check_boxes`, which do),
+and :class:`BadSamples` either re-raises it (``error``, the default) or drops the sample with a warning
+and a count (``skip``).
+"""
 
 from __future__ import annotations
 
 import gzip
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,49 +20,130 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+BAD_SAMPLE_POLICIES = ("error", "skip")
 
 
-class CorruptImageError(RuntimeError):
+class BadSampleError(RuntimeError):
+    """A sample that cannot be used: unreadable or truncated image, empty or malformed annotation, a mask
+    with unexpected values. The message names the file."""
+
+
+class CorruptImageError(BadSampleError):
     """An image file that cannot be decoded."""
+
+
+def bad_sample_policy(on_bad_sample: str | None = "error", skip_corrupt: bool | None = None) -> str:
+    """Validate ``data.on_bad_sample``; ``skip_corrupt=true`` is the older spelling of ``skip``."""
+    if skip_corrupt is not None:
+        warnings.warn("data.skip_corrupt is deprecated: use data.on_bad_sample=skip|error", DeprecationWarning,
+                      stacklevel=3)
+        on_bad_sample = "skip" if skip_corrupt else on_bad_sample
+    on_bad_sample = on_bad_sample or "error"
+    if on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise ValueError(f"data.on_bad_sample={on_bad_sample!r}: expected one of {BAD_SAMPLE_POLICIES}")
+    return on_bad_sample
+
+
+class BadSamples:
+    """The bad-sample policy and its counter, shared by a datamodule's datasets and their workers.
+
+    ``read(load, index)`` returns ``load(index)``, or, when it raises :class:`BadSampleError` under
+    ``skip``, warns with the error and returns ``None`` (dropped by :func:`collate_skip_none`). The
+    counter lives in shared memory, so DataLoader workers add to the same count.
+    """
+
+    def __init__(self, policy: str = "error"):
+        self.policy = bad_sample_policy(policy)
+        self._count = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def count(self) -> int:
+        return int(self._count.item())
+
+    def read(self, load: Callable[[Any], Any], index: Any) -> Any:
+        try:
+            return load(index)
+        except BadSampleError as err:
+            if self.policy == "error":
+                raise
+            self._count += 1
+            warnings.warn(f"skipping {err} (data.on_bad_sample=skip)", stacklevel=2)
+            return None
+
+
+def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
+    """An image file as an ``HWC`` uint8 array; unreadable or truncated files raise :class:`CorruptImageError`."""
+    try:
+        with Image.open(path) as img:
+            image = np.asarray(img.convert(mode))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise CorruptImageError(f"unreadable image {path}: {err}") from err
+    return image[..., None] if image.ndim == 2 else image
+
+
+def check_mask(mask: np.ndarray, allowed: Sequence[int], path: str | Path) -> np.ndarray:
+    """A label mask whose values are all in ``allowed`` (e.g. class ids plus an ignore index)."""
+    unexpected = np.setdiff1d(np.unique(mask), np.asarray(allowed))
+    if unexpected.size:
+        raise BadSampleError(f"mask {path} has unexpected values {unexpected[:8].tolist()} (allowed {list(allowed)})")
+    return mask
+
+
+def check_boxes(boxes: np.ndarray, path: str | Path, allow_empty: bool = False) -> np.ndarray:
+    """``[N, 4]`` finite ``x1, y1, x2, y2`` boxes with positive width and height."""
+    boxes = np.asarray(boxes, dtype=np.float32)
+    if boxes.size == 0 and not allow_empty:
+        raise BadSampleError(f"annotation {path} has no boxes")
+    boxes = boxes.reshape(-1, 4) if boxes.size == 0 else boxes
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise BadSampleError(f"annotation {path}: boxes of shape {list(boxes.shape)}, expected [N, 4]")
+    if not np.isfinite(boxes).all() or (boxes[:, 2:] <= boxes[:, :2]).any():
+        raise BadSampleError(f"annotation {path} has non-finite or empty boxes (x2 <= x1 or y2 <= y1)")
+    return boxes
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch: the same on any rank, worker count or resume."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
 class TransformedDataset(Dataset):
     """Base for datasets that yield ``(transform(image=HWC uint8)["image"], label)``.
 
-    With ``skip_corrupt=True`` an unreadable sample is replaced by ``None`` (dropped by
-    :func:`collate_skip_none`), a warning names the file, and :attr:`skipped` counts it across
-    DataLoader workers (the counter lives in shared memory).
+    ``bad_samples`` applies the bad-sample policy to :meth:`load`. An index may come as
+    ``(index, seed)`` (:class:`~vision.datamodules.loaders.ResumableSampler` with ``sample_seeds``):
+    the transform is then reseeded, so augmentations are a function of (seed, epoch, index).
     """
 
-    def __init__(self, transform=None, skip_corrupt: bool = False):
+    def __init__(self, transform=None, bad_samples: BadSamples | None = None):
         self.transform = transform
-        self.skip_corrupt = skip_corrupt
-        self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.bad_samples = bad_samples or BadSamples("error")
 
     @property
     def skipped(self) -> int:
-        return int(self._skipped.item())
+        return self.bad_samples.count
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         raise NotImplementedError
 
-    def __getitem__(self, index: int):
-        try:
-            image, label = self.load(index)
-        except CorruptImageError as err:
-            if not self.skip_corrupt:
-                raise
-            self._skipped += 1
-            warnings.warn(f"skipping {err} (data.skip_corrupt=true)", stacklevel=2)
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        sample = self.bad_samples.read(self.load, index)
+        if sample is None:
             return None
+        image, label = sample
         if self.transform is not None:
+            if seed is not None and hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(seed)
             image = self.transform(image=image)["image"]
         return image, label
 
 
 def collate_skip_none(batch):
-    """``default_collate`` without the samples that :class:`TransformedDataset` skipped."""
-    return default_collate([sample for sample in batch if sample is not None])
+    """``default_collate`` without skipped samples (``None``); a batch with none left is ``None``, which
+    Lightning skips."""
+    batch = [sample for sample in batch if sample is not None]
+    return default_collate(batch) if batch else None
 
 
 def seed_worker_transform(worker_id: int) -> None:
@@ -72,9 +161,9 @@ def seed_worker_transform(worker_id: int) -> None:
 class ImageFolderDataset(TransformedDataset):
     """Images in ``root/<class_name>/<file>``, classes sorted by name (torchvision's ImageFolder order)."""
 
-    def __init__(self, root: str | Path, transform=None, in_chans: int = 3, skip_corrupt: bool = False,
+    def __init__(self, root: str | Path, transform=None, in_chans: int = 3, bad_samples: BadSamples | None = None,
                  classes: list[str] | None = None):
-        super().__init__(transform, skip_corrupt)
+        super().__init__(transform, bad_samples)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
@@ -98,19 +187,14 @@ class ImageFolderDataset(TransformedDataset):
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                image = np.asarray(img.convert(self.mode))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise CorruptImageError(f"unreadable image {path}: {err}") from err
-        return (image[..., None] if image.ndim == 2 else image), label
+        return read_image(path, self.mode), label
 
 
 class ArrayDataset(TransformedDataset):
     """Images held in memory: ``images`` uint8 ``[N, H, W]`` or ``[N, H, W, C]``, ``labels`` ``[N]``."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
-        super().__init__(transform)
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None, bad_samples: BadSamples | None = None):
+        super().__init__(transform, bad_samples)
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images if images.ndim == 4 else images[..., None]

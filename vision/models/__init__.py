@@ -26,10 +26,14 @@ def create_model(name: str, pretrained_file: str | None = None, **kwargs):
 
     ``pretrained_file`` loads a local checkpoint through the family's
     ``checkpoint_filter_fn`` (official key names are remapped); nothing is
-    downloaded. Hydra configs target this function rather than
-    ``timm.create_model`` so the registry is always imported first.
+    downloaded, and only tensors and plain containers are read (``weights_only``).
+    Hydra configs target this function rather than ``timm.create_model`` so the
+    registry is always imported first.
     """
     if pretrained_file:
+        from ..utils.checkpoint import load_checkpoint_file
+
+        load_checkpoint_file(pretrained_file)  # weights_only=True: a file that needs pickled code is refused
         overlay = dict(file=str(pretrained_file))
         if "num_classes" in kwargs:  # keep the checkpoint's head only when sizes agree
             overlay["num_classes"] = kwargs["num_classes"]

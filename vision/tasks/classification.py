@@ -85,6 +85,7 @@ class ClassificationModule(L.LightningModule):
 
         top_k = min(5, num_classes)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_loss.persistent(True)  # a mid-epoch checkpoint resumes the epoch's mean loss
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -129,12 +130,6 @@ class ClassificationModule(L.LightningModule):
         else:
             loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         loss = loss + self._auxiliary_loss(images, logits, features)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(lr {self.optimizers().param_groups[0]['lr']:.3g}); lower task.lr, raise warmup, or use "
-                "trainer.gradient_clip_val / fp32 precision"
-            )
         self.train_loss(loss.detach())
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
@@ -155,7 +150,9 @@ class ClassificationModule(L.LightningModule):
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True)
         return sum(parts.values(), logits.new_zeros(()))
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # right after the step, before callbacks' on_train_batch_end: a checkpoint saved there holds this EMA
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -13,7 +14,11 @@ from typing import Any
 import hydra
 import lightning as L
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import AtomicCheckpointIO, resolve_ckpt_path
 
 log = logging.getLogger("vision")
 
@@ -71,15 +76,26 @@ def _metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
+def trainer_plugins(cfg: DictConfig) -> list[Any]:
+    """Atomic, ``weights_only`` checkpoint files; under SLURM, requeue on SIGUSR1 (``trainer.plugins`` adds more)."""
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+    extra = cfg.trainer.get("plugins") or []
+    return plugins + [hydra.utils.instantiate(p) for p in extra]
+
+
 def _build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer, list[Logger]]:
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      plugins=trainer_plugins(cfg))
     return datamodule, model, trainer, loggers
 
 
+@rank_zero_only
 def _summary(title: str, metrics: dict[str, float], outputs: dict[str, str]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -103,7 +119,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log_hyperparameters(cfg, model, loggers)
 
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # ckpt_path=last: this run directory's newest last*.ckpt / hpc_ckpt_*.ckpt, or a fresh start
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _metrics(trainer)
 
     best = ""
@@ -111,15 +129,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
         if not best:
             log.warning("no best checkpoint was saved (fast_dev_run or no checkpoint callback): testing current weights")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(_metrics(trainer))
 
     outputs = {"output dir": str(cfg.paths.output_dir)}
     if best:
         outputs["best checkpoint"] = best
-    skipped = getattr(datamodule, "skipped", 0)
+    skipped = getattr(datamodule, "skipped", 0)  # data.on_bad_sample=skip (also logged as data/skipped)
     if skipped:
-        outputs["corrupt files skipped"] = str(skipped)
+        outputs["bad samples skipped"] = str(skipped)
     _summary(f"{cfg.get('task_name', 'train')} finished", metrics, outputs)
     return metrics, {"datamodule": datamodule, "model": model, "trainer": trainer, "best_ckpt": best}
 
@@ -127,12 +145,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 @finish_run
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Test the checkpoint ``cfg.ckpt_path`` with the configured data and task."""
-    ckpt = Path(str(cfg.get("ckpt_path") or ""))
+    ckpt = Path(str(resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir) or ""))
     if not ckpt.is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.get('ckpt_path')!r} is not a checkpoint file; pass ckpt_path=/path/to.ckpt")
     datamodule, model, trainer, loggers = _build(cfg)
     log_hyperparameters(cfg, model, loggers)
-    trainer.test(model, datamodule=datamodule, ckpt_path=str(ckpt))
+    trainer.test(model, datamodule=datamodule, ckpt_path=str(ckpt), weights_only=True)
     metrics = _metrics(trainer)
     _summary(f"eval of {ckpt.name}", metrics, {"output dir": str(cfg.paths.output_dir)})
     return metrics, {"datamodule": datamodule, "model": model, "trainer": trainer}

@@ -1,0 +1,88 @@
+"""Training loaders whose order is a function of (seed, epoch) and that resume mid-epoch.
+
+Lightning saves the ``state_dict()`` of a training loader that has one into every checkpoint and calls
+``load_state_dict()`` before iterating it again on resume; :class:`ResumableLoader` uses that to skip the
+batches the interrupted run had already trained on, so a resumed run sees exactly the batches (and, with
+``sample_seeds``, the augmentations) the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .datasets import sample_seed
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler``'s order (a permutation seeded by ``seed + epoch``, split across ranks) that can
+    start part-way into an epoch.
+
+    Being a ``DistributedSampler``, Lightning keeps it under DDP instead of injecting its own; with one
+    process (``num_replicas=1``) it is a plain seeded shuffle. With ``sample_seeds`` it yields
+    ``(index, seed)`` pairs: :class:`~vision.datamodules.datasets.TransformedDataset` reseeds its transform
+    from them, so augmentations do not depend on workers, ranks or resumes.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False, sample_seeds: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.sample_seeds = sample_seeds
+        self.start = 0  # indices of this epoch to leave out (already trained on)
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, start: int) -> None:
+        """Begin the next pass over ``epoch`` at its ``start``-th index (dropped if another epoch comes first)."""
+        self.epoch, self._resume = epoch, (epoch, start)
+
+    def begin_pass(self) -> int:
+        """Called before each pass: how many indices of this epoch it skips."""
+        resume, self._resume = self._resume, None
+        self.start = resume[1] if resume is not None and resume[0] == self.epoch else 0
+        return self.start
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        if self.sample_seeds:
+            return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in indices])
+        return iter(indices)
+
+
+class ResumableLoader(DataLoader):
+    """A training ``DataLoader`` over a :class:`ResumableSampler` with Lightning's stateful-loader interface.
+
+    ``state_dict()`` is the epoch and the number of batches handed out in it; ``load_state_dict()`` makes
+    the next pass over that epoch skip them. Lightning fetches sized loaders without prefetching, so the
+    batches handed out are the batches trained on.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, drop_last: bool = True,
+                 **kwargs: Any):
+        if not isinstance(sampler, ResumableSampler):
+            raise TypeError(f"ResumableLoader needs a ResumableSampler, got {type(sampler).__name__}")
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
+        self._batches = 0
+
+    def __iter__(self):
+        # a generator: the pass (and the sampler's start) begins at the first batch, after Lightning has
+        # called set_epoch, whatever the order of iter() and set_epoch
+        self._batches = self.sampler.begin_pass() // self.batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._batches, "seed": self.sampler.seed,
+                "num_replicas": self.sampler.num_replicas, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        same = (state["seed"], state["num_replicas"], state["batch_size"]) == (
+            self.sampler.seed, self.sampler.num_replicas, self.batch_size)
+        if not same:
+            warnings.warn(
+                "resuming with a different seed, process count or batch size than the checkpoint's "
+                f"({state}): the interrupted epoch's data order is not reproduced", stacklevel=2)
+        self.sampler.resume(state["epoch"], state["batches"] * self.batch_size if same else 0)
