@@ -294,7 +294,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(compose
 @pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "model.compile=true"])
 def test_bf16_and_compile_train_through_the_pipeline(compose_cfg, override):
     torch._dynamo.reset()  # graphs compiled for other tests' models in this process must not be reused
-    cfg = compose_cfg("train", [*TINY, override, "data.train_subset=16", "data.batch_size=8", "trainer.max_steps=2",
+    # 28 px, not TINY's 16: torch's CPU bf16 weight gradient of a stride-2 convolution over a 1x1 channels-last
+    # input (ResNet layer4 at 16 px) holds uninitialised values about half the time (torch 2.14.1)
+    cfg = compose_cfg("train", [*TINY, override, "data.image_size=28", "data.train_subset=16", "data.batch_size=8",
+                                "trainer.max_steps=2",
                                 "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
                                 "callbacks.model_checkpoint=null"])
     metrics, objects = train(cfg)
