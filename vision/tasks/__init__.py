@@ -1,5 +1,7 @@
 """LightningModules. They ask timm for backbones by name and never import a model class."""
 
 from .classification import ClassificationModule
+from .segmentation import SegmentationModule, create_segmentation_model
 
 __all__ = ["ClassificationModule"]
+__all__ += ["SegmentationModule", "create_segmentation_model"]
