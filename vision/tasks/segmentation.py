@@ -43,9 +43,12 @@ def _smp_encoder_decoder(head: str, backbone: dict, in_chans: int, decoder_chann
         model = smp.UPerNet(decoder_channels=decoder_channels, **common, **encoder_kwargs)
         out_channels = decoder_channels
     elif head == "fpn":
-        # dropout is applied once, in our classifier; bilinear merging as mmseg's FPN neck/head
-        model = smp.FPN(decoder_segmentation_channels=decoder_channels, decoder_dropout=0.0,
-                        decoder_interpolation="bilinear", **common, **encoder_kwargs)
+        # mmseg's Semantic FPN: a 256-channel neck, a 128-channel head (pyramid = 2 x head channels); dropout
+        # once, in our classifier; bilinear merging. smp's head uses GroupNorm(32 groups).
+        if decoder_channels % 32:
+            raise ValueError(f"decoder_channels={decoder_channels}: the FPN head's GroupNorm needs a multiple of 32")
+        model = smp.FPN(decoder_pyramid_channels=2 * decoder_channels, decoder_segmentation_channels=decoder_channels,
+                        decoder_dropout=0.0, decoder_interpolation="bilinear", **common, **encoder_kwargs)
         out_channels = model.decoder.out_channels
     else:
         raise AssertionError(head)
@@ -164,8 +167,8 @@ class SegmentationModule(L.LightningModule):
     Args:
         backbone: ``{name, drop_path_rate, pretrained_file, kwargs}`` (a ``configs/model`` entry).
         num_classes, in_chans: the dataset's. ignore_index: label excluded from the loss and the metrics.
-        head: ``upernet`` or ``fpn``. decoder_channels: UPerNet's channels (mmseg 512) or the FPN's
-            segmentation channels (mmseg 128). dropout: before the classifiers.
+        head: ``upernet`` or ``fpn``. decoder_channels: UPerNet's channels (mmseg 512) or the FPN head's
+            (mmseg 128, a multiple of 32; its neck gets twice as many). dropout: before the classifiers.
         aux_weight: weight of the auxiliary FCN head's loss (mmseg 0.4); 0 builds no auxiliary head.
         aux_channels: its hidden channels.
         lr, min_lr, weight_decay, betas: AdamW (timm's factory: no decay for norms, biases and the backbone's
@@ -270,7 +273,8 @@ class SegmentationModule(L.LightningModule):
         """Predict at the (resized) image size, then score at each mask's original size."""
         images, masks, sizes = batch
         logits = self(self._images(images))
-        if (sizes == torch.tensor([*logits.shape[-2:], *masks.shape[-2:]])).all():  # nothing resized or padded
+        if logits.shape[-2:] == masks.shape[-2:] and (sizes == torch.tensor([*masks.shape[-2:]] * 2)).all():
+            # nothing resized or padded
             pairs = [(logits, masks)]
         else:
             pairs = []
