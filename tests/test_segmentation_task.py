@@ -60,6 +60,12 @@ def test_pretrained_file_loads_into_the_encoder(tmp_path):
                                rtol=0, atol=0)
 
 
+def test_upernet_single_image_batch_is_a_clear_error():
+    module = SegmentationModule(TINY, num_classes=3, head="upernet", decoder_channels=16, aux_weight=0)
+    with pytest.raises(ValueError, match="at least 2 images per training batch.*data.batch_size"):
+        module.training_step((torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.long)), 0)
+
+
 def test_bad_head_arguments_are_named():
     with pytest.raises(ValueError, match="unknown segmentation head 'segformer'.*upernet"):
         create_segmentation_model("segformer", TINY, 3)

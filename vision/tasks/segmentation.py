@@ -250,6 +250,9 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, masks = batch[0], batch[1]
+        if images.shape[0] < 2 and self.hparams.head == "upernet":
+            raise ValueError("UPerNet's pyramid pooling (1x1 pooled BatchNorm) needs at least 2 images per training "
+                             f"batch; got {images.shape[0]}: raise data.batch_size")
         logits, aux = self.net.forward_train(self._images(images))
         ignore = self.hparams.ignore_index
         loss = F.cross_entropy(logits, masks, ignore_index=ignore)
