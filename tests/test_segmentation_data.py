@@ -21,8 +21,15 @@ from vision.datamodules.segmentation import (
 )
 
 RNG = np.random.default_rng(0)
-SMALL = dict(crop_size=(32, 32), scale=(64, 32), ratio_range=(0.5, 2.0), eval_scale=(64, 32), batch_size=2,
-             eval_batch_size=2, num_workers=0)
+SMALL = dict(
+    crop_size=(32, 32),
+    scale=(64, 32),
+    ratio_range=(0.5, 2.0),
+    eval_scale=(64, 32),
+    batch_size=2,
+    eval_batch_size=2,
+    num_workers=0,
+)
 
 
 def write_pair(image_path: Path, mask_path: Path, mask: np.ndarray, mode: str = "L", image_size=None) -> None:
@@ -42,8 +49,11 @@ def make_ade20k(root: Path, n: int = 3) -> Path:
     for split in ("training", "validation"):
         for i in range(n):
             mask = RNG.integers(0, 151, (40, 50))
-            write_pair(root / "images" / split / f"ADE_{split}_{i}.jpg", root / "annotations" / split / f"ADE_{split}_{i}.png",
-                       mask)
+            write_pair(
+                root / "images" / split / f"ADE_{split}_{i}.jpg",
+                root / "annotations" / split / f"ADE_{split}_{i}.png",
+                mask,
+            )
     return root
 
 
@@ -52,7 +62,9 @@ def make_voc(root: Path, n: int = 3) -> Path:
     for name in ids:
         mask = RNG.integers(0, 21, (36, 44))
         mask[0] = 255  # object boundary
-        write_pair(root / "JPEGImages" / f"{name}.jpg", root / "SegmentationClass" / f"{name}.png", mask, mode="P")
+        write_pair(
+            root / "JPEGImages" / f"{name}.jpg", root / "SegmentationClass" / f"{name}.png", mask, mode="P"
+        )
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids[:n]) + "\n")
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids[n:]) + "\n")
@@ -65,8 +77,11 @@ def make_cityscapes(root: Path, n: int = 2) -> Path:
             stem = f"aachen_{i:06d}_000019"
             mask = RNG.integers(0, 19, (32, 64))
             mask[:, :4] = 255
-            write_pair(root / "leftImg8bit" / split / "aachen" / f"{stem}_leftImg8bit.png",
-                       root / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelTrainIds.png", mask)
+            write_pair(
+                root / "leftImg8bit" / split / "aachen" / f"{stem}_leftImg8bit.png",
+                root / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelTrainIds.png",
+                mask,
+            )
     return root
 
 
@@ -103,7 +118,9 @@ def test_cityscapes_layout(tmp_path):
     dm = CityscapesDataModule(str(root), **SMALL)
     dm.setup()
     image_path, mask_path = dm.train_set.samples[0]
-    assert image_path.name.endswith("_leftImg8bit.png") and mask_path.name.endswith("_gtFine_labelTrainIds.png")
+    assert image_path.name.endswith("_leftImg8bit.png") and mask_path.name.endswith(
+        "_gtFine_labelTrainIds.png"
+    )
     assert mask_path.parent.name == "aachen" and dm.num_classes == 19
     images, masks, sizes = collate_segmentation([dm.val_set[0], dm.val_set[1]])
     assert sizes.tolist() == [[32, 64, 32, 64]] * 2 and (masks[:, :, :4] == 255).all()
@@ -112,15 +129,18 @@ def test_cityscapes_layout(tmp_path):
 def test_generic_folder_and_test_split_fallback(tmp_path):
     for split in ("train", "val"):
         for i in range(2):
-            write_pair(tmp_path / "images" / split / f"{i}.jpg", tmp_path / "masks" / split / f"{i}.png",
-                       RNG.integers(0, 3, (20, 24)))
+            write_pair(
+                tmp_path / "images" / split / f"{i}.jpg",
+                tmp_path / "masks" / split / f"{i}.png",
+                RNG.integers(0, 3, (20, 24)),
+            )
     dm = SegmentationFolderDataModule(str(tmp_path), num_classes=3, **SMALL)
     dm.setup()
     assert [p for p, _ in dm.test_set.samples] == [p for p, _ in dm.val_set.samples]
     assert dm.class_names == ("class_0", "class_1", "class_2")
 
 
-# ---- bad input ----------------------------------------------------------------------------------------------
+# ---- bad input -------------------------------------------------------------------------------------------
 
 
 def test_mask_size_mismatch_names_both_files(tmp_path):
@@ -140,17 +160,23 @@ def test_mask_values_outside_classes_name_file_and_values(tmp_path):
 
 
 def test_missing_mask_is_named(tmp_path):
-    write_pair(tmp_path / "images" / "train" / "0.jpg", tmp_path / "masks" / "train" / "0.png", np.zeros((8, 8)))
+    write_pair(
+        tmp_path / "images" / "train" / "0.jpg", tmp_path / "masks" / "train" / "0.png", np.zeros((8, 8))
+    )
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "train" / "1.jpg")
     dm = SegmentationFolderDataModule(str(tmp_path), num_classes=2, **SMALL)
-    with pytest.raises(FileNotFoundError, match=r"have no mask: .*masks/train/1\.png \(for .*images/train/1\.jpg\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"have no mask: .*masks/train/1\.png \(for .*images/train/1\.jpg\)"
+    ):
         dm.samples("train")
     (tmp_path / "ImageSets").mkdir()
     (tmp_path / "ImageSets" / "train.txt").write_text("0\n1\n")
     (tmp_path / "JPEGImages").mkdir()
     (tmp_path / "SegmentationClass").mkdir()
     voc = VOCDataModule(str(tmp_path), list_dir="ImageSets", **SMALL)
-    with pytest.raises(FileNotFoundError, match=r"image\(s\) listed in .*train\.txt are missing: .*JPEGImages/0\.jpg"):
+    with pytest.raises(
+        FileNotFoundError, match=r"image\(s\) listed in .*train\.txt are missing: .*JPEGImages/0\.jpg"
+    ):
         voc.samples("train")
 
 
@@ -158,7 +184,9 @@ def test_colour_masks_are_rejected_grey_rgb_accepted(tmp_path):
     write_pair(tmp_path / "a.jpg", tmp_path / "a.png", np.zeros((8, 8)))
     colour = RNG.integers(0, 3, (8, 8, 3), dtype=np.uint8)
     Image.fromarray(colour).save(tmp_path / "colour.png")
-    with pytest.raises(SegmentationDataError, match=r"colour\.png is a colour \(RGB\) image; expected one class id"):
+    with pytest.raises(
+        SegmentationDataError, match=r"colour\.png is a colour \(RGB\) image; expected one class id"
+    ):
         read_sample(tmp_path / "a.jpg", tmp_path / "colour.png", num_classes=3)
     grey = np.repeat(colour[..., :1], 3, axis=2)
     Image.fromarray(grey).save(tmp_path / "grey.png")
@@ -175,7 +203,7 @@ def test_unreadable_image_is_named(tmp_path):
         read_sample(tmp_path / "a.jpg", tmp_path / "a.png", num_classes=3)
 
 
-# ---- augmentations ------------------------------------------------------------------------------------------
+# ---- augmentations ---------------------------------------------------------------------------------------
 
 
 def test_cat_max_ratio_crop_rejects_single_class_crops():
@@ -202,8 +230,9 @@ def test_cat_max_ratio_crop_rejects_single_class_crops():
 def test_training_crops_are_padded_with_the_ignore_index(tmp_path):
     from vision.datamodules.segmentation import build_segmentation_transforms
 
-    transform = build_segmentation_transforms(True, (0.5,) * 3, (0.5,) * 3, crop_size=(48, 48), scale=None,
-                                              cat_max_ratio=1.0, photometric=True)
+    transform = build_segmentation_transforms(
+        True, (0.5,) * 3, (0.5,) * 3, crop_size=(48, 48), scale=None, cat_max_ratio=1.0, photometric=True
+    )
     out = transform(image=np.full((30, 40, 3), 128, np.uint8), mask=np.ones((30, 40), np.uint8))
     assert out["image"].shape == (3, 48, 48) and out["mask"].shape == (48, 48)
     mask = np.asarray(out["mask"])
@@ -211,9 +240,19 @@ def test_training_crops_are_padded_with_the_ignore_index(tmp_path):
 
 
 def test_fashion_scenes_datamodule(tmp_path, fashion_root):
-    dm = FashionScenesDataModule(str(tmp_path / "scenes"), str(fashion_root), scene_splits={"train": 4, "val": 2},
-                                 canvas=64, size=(20, 40), crop_size=(64, 64), scale=(64, 64), eval_scale=None,
-                                 batch_size=2, eval_batch_size=2, num_workers=0)
+    dm = FashionScenesDataModule(
+        str(tmp_path / "scenes"),
+        str(fashion_root),
+        scene_splits={"train": 4, "val": 2},
+        canvas=64,
+        size=(20, 40),
+        crop_size=(64, 64),
+        scale=(64, 64),
+        eval_scale=None,
+        batch_size=2,
+        eval_batch_size=2,
+        num_workers=0,
+    )
     dm.prepare_data()
     dm.setup()
     assert dm.num_classes == 11 and dm.class_names[1] == "T-shirt/top" and len(dm.test_set) == 2

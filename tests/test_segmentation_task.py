@@ -18,13 +18,20 @@ from vision.tasks.segmentation import (
 TINY = dict(name="resnet18", kwargs=dict(channels=[8, 16, 32, 64]))
 # steps called directly, outside a Trainer, log into nothing
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`:UserWarning")
-QUICK = ["trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0", "callbacks.rich_progress_bar=null"]
+QUICK = [
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "data.num_workers=0",
+    "callbacks.rich_progress_bar=null",
+]
 
 
 @pytest.mark.parametrize("head", ["upernet", "fpn"])
 def test_train_step_reaches_every_part(head):
     torch.manual_seed(0)
-    module = SegmentationModule(TINY, num_classes=5, head=head, decoder_channels=32, aux_channels=8, aux_weight=0.4)
+    module = SegmentationModule(
+        TINY, num_classes=5, head=head, decoder_channels=32, aux_channels=8, aux_weight=0.4
+    )
     images = torch.randn(2, 3, 64, 48)
     masks = torch.randint(0, 5, (2, 64, 48))
     masks[:, :8] = 255
@@ -40,8 +47,9 @@ def test_train_step_reaches_every_part(head):
 
 
 def test_registered_transformer_backbone_through_smp():
-    net = create_segmentation_model("upernet", dict(name="biformer_tiny"), num_classes=4, decoder_channels=32,
-                                    aux_channels=8).eval()
+    net = create_segmentation_model(
+        "upernet", dict(name="biformer_tiny"), num_classes=4, decoder_channels=32, aux_channels=8
+    ).eval()
     with torch.no_grad():
         logits, aux = net.forward_train(torch.randn(1, 3, 64, 64))
     assert logits.shape == aux.shape == (1, 4, 64, 64)
@@ -53,11 +61,13 @@ def test_pretrained_file_loads_into_the_encoder(tmp_path):
 
     reference = vision.create_model("resnet18", channels=[8, 16, 32, 64])
     torch.save(reference.state_dict(), tmp_path / "resnet.pth")
-    net = create_segmentation_model("fpn", {**TINY, "pretrained_file": str(tmp_path / "resnet.pth")}, 3,
-                                    decoder_channels=32)
+    net = create_segmentation_model(
+        "fpn", {**TINY, "pretrained_file": str(tmp_path / "resnet.pth")}, 3, decoder_channels=32
+    )
     torch.testing.assert_close(net.encoder.model.conv1.weight, reference.conv1.weight, rtol=0, atol=0)
-    torch.testing.assert_close(net.encoder.model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        net.encoder.model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight, rtol=0, atol=0
+    )
 
 
 def test_upernet_single_image_batch_is_a_clear_error():
@@ -101,7 +111,9 @@ class FixedLogits(nn.Module):
 
     def __init__(self, *predictions: torch.Tensor, num_classes: int):
         super().__init__()
-        self.batches = [nn.functional.one_hot(p, num_classes).permute(0, 3, 1, 2).float() * 10 for p in predictions]
+        self.batches = [
+            nn.functional.one_hot(p, num_classes).permute(0, 3, 1, 2).float() * 10 for p in predictions
+        ]
 
     def forward(self, images):
         return self.batches.pop(0)[..., : images.shape[-2], : images.shape[-1]]
@@ -111,15 +123,14 @@ def test_miou_on_known_masks_is_dataset_level():
     """Two images, 4 classes (class 3 never occurs), 255 ignored. mmseg's dataset-level convention: IoU per
     class from the summed confusion matrix, mean over classes that occur."""
     module = SegmentationModule(TINY, num_classes=4, head="fpn", decoder_channels=32, aux_weight=0)
-    target = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 255]],
-                           [[0, 0, 0, 0], [1, 1, 1, 1]]])
-    pred = torch.tensor([[[0, 1, 1, 1], [2, 0, 3, 0]],
-                         [[0, 0, 0, 0], [1, 1, 2, 2]]])
+    target = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 255]], [[0, 0, 0, 0], [1, 1, 1, 1]]])
+    pred = torch.tensor([[[0, 1, 1, 1], [2, 0, 3, 0]], [[0, 0, 0, 0], [1, 1, 2, 2]]])
     module.net = FixedLogits(pred[:1], pred[1:], num_classes=4)
     sizes = torch.tensor([[2, 4, 2, 4]] * 2)
     for i in range(2):  # one image per batch: the metric accumulates over the split
-        module.validation_step((torch.zeros(1, 3, 2, 4), target[i: i + 1], sizes[i: i + 1]), i)
-    # class 0: tp 5 (1 + 4), fp 1, fn 1 -> 5/7; class 1: tp 4, fp 1, fn 2 -> 4/7; class 2: tp 1, fp 2, fn 1 -> 1/4;
+        module.validation_step((torch.zeros(1, 3, 2, 4), target[i : i + 1], sizes[i : i + 1]), i)
+    # class 0: tp 5 (1 + 4), fp 1, fn 1 -> 5/7; class 1: tp 4, fp 1, fn 2 -> 4/7;
+    # class 2: tp 1, fp 2, fn 1 -> 1/4;
     # class 3: predicted only on an ignored pixel -> not counted, absent -> excluded from the mean
     expected = (5 / 7 + 4 / 7 + 1 / 4) / 3
     assert module.val_miou.compute().item() == pytest.approx(expected, abs=1e-6)
@@ -153,11 +164,24 @@ def test_poly_schedule_with_warmup():
 def test_quickstart_segmentation_trains_tests_and_draws(compose_cfg, tmp_path):
     from vision.utils import train
 
-    cfg = compose_cfg("train", ["experiment=quickstart_segmentation", *QUICK, f"data.root={tmp_path / 'scenes'}",
-                                "data.scene_splits={train: 8, val: 4, test: 4}", "data.batch_size=4",
-                                "trainer.max_epochs=1", "model.decoder_channels=32"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "experiment=quickstart_segmentation",
+            *QUICK,
+            f"data.root={tmp_path / 'scenes'}",
+            "data.scene_splits={train: 8, val: 4, test: 4}",
+            "data.batch_size=4",
+            "trainer.max_epochs=1",
+            "model.decoder_channels=32",
+        ],
+    )
     metrics, objects = train(cfg)
-    assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/miou"] <= 1 and 0 <= metrics["test/acc"] <= 1
+    assert (
+        np.isfinite(metrics["train/loss"])
+        and 0 <= metrics["test/miou"] <= 1
+        and 0 <= metrics["test/acc"] <= 1
+    )
     assert "val/miou_best" in metrics and any(k.startswith("test/iou/") for k in metrics)
     assert objects["best_ckpt"].endswith(".ckpt")
     previews = list((tmp_path / "csv").rglob("segmentation/epoch000_val_predictions.png"))
@@ -167,25 +191,50 @@ def test_quickstart_segmentation_trains_tests_and_draws(compose_cfg, tmp_path):
     assert Image.open(previews[0]).size[0] > 3 * 64  # image | truth | prediction
 
 
-@pytest.mark.parametrize("experiment, backbone", [("biformer_ade20k_upernet", "biformer_small"),
-                                                  ("nat_ade20k_upernet", "nat_tiny")])
+@pytest.mark.parametrize(
+    "experiment, backbone",
+    [("biformer_ade20k_upernet", "biformer_small"), ("nat_ade20k_upernet", "nat_tiny")],
+)
 def test_ade20k_experiments(compose_cfg, tmp_path, experiment, backbone):
     """The paper recipes compose as documented, and train/validate/test a step on a fake ADE20K tree (with a
-    tiny stand-in backbone: the real ones pass through smp in test_registered_transformer_backbone_through_smp)."""
+    tiny stand-in backbone: the real ones go through smp in
+    test_registered_transformer_backbone_through_smp)."""
     from tests.test_segmentation_data import make_ade20k
     from vision.utils import train
 
     cfg = compose_cfg("train", [f"experiment={experiment}"])
     assert cfg.model.backbone.name == backbone and cfg.model.backbone.drop_path_rate == 0.3
-    assert (cfg.model.head, cfg.model.decoder_channels, cfg.model.aux_weight, cfg.model.lr) == ("upernet", 512, 0.4, 6e-5)
-    assert (cfg.trainer.max_steps, tuple(cfg.data.crop_size), cfg.data.num_classes) == (160000, (512, 512), 150)
+    assert (cfg.model.head, cfg.model.decoder_channels, cfg.model.aux_weight, cfg.model.lr) == (
+        "upernet",
+        512,
+        0.4,
+        6e-5,
+    )
+    assert (cfg.trainer.max_steps, tuple(cfg.data.crop_size), cfg.data.num_classes) == (
+        160000,
+        (512, 512),
+        150,
+    )
     assert cfg.callbacks.model_checkpoint.monitor == "val/miou" and cfg.optimized_metric == "val/miou_best"
 
     root = make_ade20k(tmp_path / "ade", n=2)
-    cfg = compose_cfg("train", [f"experiment={experiment}", *QUICK, f"data.root={root}", "trainer.fast_dev_run=true",
-                                "model.backbone.name=resnet18", "+model.backbone.kwargs.channels=[8,16,32,64]",
-                                "data.crop_size=[64,64]", "data.scale=[128,64]", "data.eval_scale=[128,64]",
-                                "data.batch_size=2", "model.decoder_channels=16", "model.aux_channels=8",
-                                "trainer.precision=32-true"])
+    cfg = compose_cfg(
+        "train",
+        [
+            f"experiment={experiment}",
+            *QUICK,
+            f"data.root={root}",
+            "trainer.fast_dev_run=true",
+            "model.backbone.name=resnet18",
+            "+model.backbone.kwargs.channels=[8,16,32,64]",
+            "data.crop_size=[64,64]",
+            "data.scale=[128,64]",
+            "data.eval_scale=[128,64]",
+            "data.batch_size=2",
+            "model.decoder_channels=16",
+            "model.aux_channels=8",
+            "trainer.precision=32-true",
+        ],
+    )
     metrics, _ = train(cfg)
     assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/miou"] <= 1

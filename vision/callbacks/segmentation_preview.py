@@ -30,7 +30,9 @@ def palette(num_classes: int) -> torch.Tensor:
     return colours / 255
 
 
-def colourise(images: torch.Tensor, masks: torch.Tensor, num_classes: int, alpha: float = 0.6) -> torch.Tensor:
+def colourise(
+    images: torch.Tensor, masks: torch.Tensor, num_classes: int, alpha: float = 0.6
+) -> torch.Tensor:
     """``images [B, C, H, W]`` (any range) with ``masks [B, H, W]`` blended in; labels outside the classes
     (the ignore index) leave the image bare."""
     gray = images.float().mean(1, keepdim=True)
@@ -50,11 +52,21 @@ class SegmentationPreview(L.Callback):
         self.masks: torch.Tensor | None = None
 
     def _due(self, trainer: L.Trainer) -> bool:
-        return (bool(self.every_n_epochs) and not trainer.sanity_checking
-                and trainer.current_epoch % self.every_n_epochs == 0)
+        return (
+            bool(self.every_n_epochs)
+            and not trainer.sanity_checking
+            and trainer.current_epoch % self.every_n_epochs == 0
+        )
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.images is not None or not self._due(trainer) or not isinstance(batch, (list, tuple)) or len(batch) < 2:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if (
+            self.images is not None
+            or not self._due(trainer)
+            or not isinstance(batch, (list, tuple))
+            or len(batch) < 2
+        ):
             return
         images, masks = batch[0][: self.num_images], batch[1][: self.num_images]
         if masks.ndim != 3:  # not a segmentation batch
@@ -69,14 +81,23 @@ class SegmentationPreview(L.Callback):
         training = pl_module.training
         try:
             pl_module.eval()
-            with torch.no_grad(), torch.random.fork_rng(devices=[self.images.device] if self.images.is_cuda else []):
+            with (
+                torch.no_grad(),
+                torch.random.fork_rng(devices=[self.images.device] if self.images.is_cuda else []),
+            ):
                 predictions = pl_module(self.images.to(pl_module.device)).argmax(1).cpu()
         finally:
             pl_module.train(training)
         num_classes = pl_module.hparams.num_classes
         images, masks = self.images.cpu(), self.masks.cpu()
-        tiles = torch.stack([colourise(images, torch.full_like(masks, -1), num_classes),
-                             colourise(images, masks, num_classes), colourise(images, predictions, num_classes)], 1)
+        tiles = torch.stack(
+            [
+                colourise(images, torch.full_like(masks, -1), num_classes),
+                colourise(images, masks, num_classes),
+                colourise(images, predictions, num_classes),
+            ],
+            1,
+        )
         grid = make_grid(tiles.flatten(0, 1), nrow=3, padding=2, pad_value=1.0)
         if trainer.is_global_zero:
             log_image(trainer, "val/predictions", grid, "segmentation")

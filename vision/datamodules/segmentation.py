@@ -1,4 +1,4 @@
-"""Semantic segmentation data: image/mask pairs in the ADE20K, Pascal VOC, Cityscapes and plain-folder layouts.
+"""Semantic segmentation data: image/mask pairs in the ADE20K, Pascal VOC, Cityscapes and folder layouts.
 
 Every layout reduces to a list of ``(image path, mask path)`` pairs read by one :class:`SegmentationDataset`;
 every check on a sample (readable image, index mask, matching size, values within the classes) lives in
@@ -31,10 +31,12 @@ from .transforms import backbone_eval_config
 
 IGNORE_INDEX = 255
 
+# fmt: off
 ADE20K_CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
     "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence",
+    "desk",
     "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
     "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
     "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
@@ -51,20 +53,22 @@ ADE20K_CLASSES = (
 )
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
 )
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
 SCENE_CLASSES = ("background", *FASHION_CLASSES)
+# fmt: on
 
 
 class SegmentationDataError(ValueError):
     """A sample that cannot be used as it is: the message names the file(s) and what is wrong."""
 
 
-# ---- reading and checking one sample (the only place samples are validated) --------------------------------
+# ---- reading and checking one sample (the only place samples are validated) ------------------------------
 
 
 def _read_image(path: Path, in_chans: int) -> np.ndarray:
@@ -91,11 +95,11 @@ def _read_mask(path: Path) -> np.ndarray:
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise CorruptImageError(f"unreadable mask {path}: {err}") from err
     if mode in ("RGB", "RGBA", "LA"):
-        channels = mask[..., :1 if mode == "LA" else 3]
+        channels = mask[..., : 1 if mode == "LA" else 3]
         if not (channels == channels[..., :1]).all():
             raise SegmentationDataError(
                 f"mask {path} is a colour ({mode}) image; expected one class id per pixel: a single-channel "
-                "(mode L) or palette (mode P) PNG. Convert colours to ids first (e.g. VOC's SegmentationClass "
+                "(mode L) or palette (mode P) PNG. Convert colours to ids first (VOC's SegmentationClass "
                 "PNGs are palette images and read as ids)"
             )
         mask = channels[..., 0]
@@ -104,8 +108,14 @@ def _read_mask(path: Path) -> np.ndarray:
     return np.asarray(mask, dtype=np.int64)
 
 
-def read_sample(image_path: Path, mask_path: Path, num_classes: int, in_chans: int = 3,
-                reduce_zero_label: bool = False, ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
+def read_sample(
+    image_path: Path,
+    mask_path: Path,
+    num_classes: int,
+    in_chans: int = 3,
+    reduce_zero_label: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(image HxWxC uint8, mask HxW uint8)`` with every check on the pair.
 
     ``reduce_zero_label`` (ADE20K): 0 ("other") becomes ``ignore_index`` and every other id moves down by
@@ -127,7 +137,8 @@ def read_sample(image_path: Path, mask_path: Path, num_classes: int, in_chans: i
         shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
         raise SegmentationDataError(
             f"mask {mask_path} has values {shown} outside the {num_classes} classes (0..{num_classes - 1}) "
-            f"and not the ignore index {ignore_index}" + (" (after reduce_zero_label)" if reduce_zero_label else "")
+            f"and not the ignore index {ignore_index}"
+            + (" (after reduce_zero_label)" if reduce_zero_label else "")
         )
     return image, mask.astype(np.uint8)
 
@@ -135,11 +146,20 @@ def read_sample(image_path: Path, mask_path: Path, num_classes: int, in_chans: i
 class SegmentationDataset(Dataset):
     """``(image CHW float tensor, mask HW int64 tensor)`` for each ``(image path, mask path)`` pair."""
 
-    def __init__(self, samples: list[tuple[Path, Path]], num_classes: int, transform=None, in_chans: int = 3,
-                 reduce_zero_label: bool = False, ignore_index: int = IGNORE_INDEX):
+    def __init__(
+        self,
+        samples: list[tuple[Path, Path]],
+        num_classes: int,
+        transform=None,
+        in_chans: int = 3,
+        reduce_zero_label: bool = False,
+        ignore_index: int = IGNORE_INDEX,
+    ):
         if not 0 < num_classes < 255 or not 0 <= ignore_index <= 255 or ignore_index < num_classes:
-            raise ValueError(f"num_classes={num_classes}, ignore_index={ignore_index}: masks are stored as uint8, "
-                             "so need 0 < num_classes <= ignore_index <= 255")
+            raise ValueError(
+                f"num_classes={num_classes}, ignore_index={ignore_index}: masks are stored as uint8, "
+                "so need 0 < num_classes <= ignore_index <= 255"
+            )
         self.samples, self.num_classes, self.transform = samples, num_classes, transform
         self.in_chans, self.reduce_zero_label, self.ignore_index = in_chans, reduce_zero_label, ignore_index
 
@@ -148,8 +168,9 @@ class SegmentationDataset(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self.samples[index]
-        return read_sample(image_path, mask_path, self.num_classes, self.in_chans, self.reduce_zero_label,
-                           self.ignore_index)
+        return read_sample(
+            image_path, mask_path, self.num_classes, self.in_chans, self.reduce_zero_label, self.ignore_index
+        )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index)
@@ -170,11 +191,13 @@ def collate_segmentation(batch: list[tuple[torch.Tensor, torch.Tensor]]):
     height, width = sizes[:, 0].max().item(), sizes[:, 1].max().item()
     mh, mw = sizes[:, 2].max().item(), sizes[:, 3].max().item()
     images = torch.stack([F.pad(i, (0, width - i.shape[-1], 0, height - i.shape[-2])) for i in images])
-    masks = torch.stack([F.pad(m, (0, mw - m.shape[-1], 0, mh - m.shape[-2]), value=IGNORE_INDEX) for m in masks])
+    masks = torch.stack(
+        [F.pad(m, (0, mw - m.shape[-1], 0, mh - m.shape[-2]), value=IGNORE_INDEX) for m in masks]
+    )
     return images, masks, sizes
 
 
-# ---- augmentations ------------------------------------------------------------------------------------------
+# ---- augmentations ---------------------------------------------------------------------------------------
 
 
 def _resize(array: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
@@ -193,8 +216,13 @@ class RandomRescale(A.DualTransform):
     """Rescale to ``fit_scale(scale * r)`` with ``r`` uniform in ``ratio_range`` (mmseg's RandomResize with
     keep_ratio). ``resize_mask=False`` leaves the mask at its size (evaluation at the original resolution)."""
 
-    def __init__(self, scale: tuple[int, int], ratio_range: tuple[float, float] = (1.0, 1.0),
-                 resize_mask: bool = True, p: float = 1.0):
+    def __init__(
+        self,
+        scale: tuple[int, int],
+        ratio_range: tuple[float, float] = (1.0, 1.0),
+        resize_mask: bool = True,
+        p: float = 1.0,
+    ):
         super().__init__(p=p)
         self.scale, self.ratio_range, self.resize_mask = tuple(scale), tuple(ratio_range), resize_mask
 
@@ -215,21 +243,28 @@ class CatMaxRatioCrop(A.DualTransform):
     ``cat_max_ratio`` or more of the crop's labelled pixels (and at least two classes are present); the last
     draw is kept otherwise. ``cat_max_ratio >= 1`` disables the check."""
 
-    def __init__(self, size: tuple[int, int], cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX,
-                 p: float = 1.0):
+    def __init__(
+        self,
+        size: tuple[int, int],
+        cat_max_ratio: float = 0.75,
+        ignore_index: int = IGNORE_INDEX,
+        p: float = 1.0,
+    ):
         super().__init__(p=p)
         self.size, self.cat_max_ratio, self.ignore_index = tuple(size), cat_max_ratio, ignore_index
 
     def _draw(self, height: int, width: int) -> tuple[int, int]:
-        return (self.py_random.randint(0, max(height - self.size[0], 0)),
-                self.py_random.randint(0, max(width - self.size[1], 0)))
+        return (
+            self.py_random.randint(0, max(height - self.size[0], 0)),
+            self.py_random.randint(0, max(width - self.size[1], 0)),
+        )
 
     def get_params_dependent_on_data(self, params, data):
         mask = data["mask"]
         top, left = self._draw(*mask.shape[:2])
         if self.cat_max_ratio < 1:
             for _ in range(10):
-                crop = mask[top:top + self.size[0], left:left + self.size[1]]
+                crop = mask[top : top + self.size[0], left : left + self.size[1]]
                 counts = np.bincount(crop.ravel(), minlength=256)
                 counts[self.ignore_index] = 0
                 counts = counts[counts > 0]
@@ -239,21 +274,24 @@ class CatMaxRatioCrop(A.DualTransform):
         return {"top": top, "left": left}
 
     def apply(self, img, top=0, left=0, **params):
-        return img[top:top + self.size[0], left:left + self.size[1]]
+        return img[top : top + self.size[0], left : left + self.size[1]]
 
     def apply_to_mask(self, mask, top=0, left=0, **params):
-        return mask[top:top + self.size[0], left:left + self.size[1]]
+        return mask[top : top + self.size[0], left : left + self.size[1]]
 
 
 def photometric_distortion() -> A.BasicTransform:
     """mmseg's PhotoMetricDistortion in albumentations terms, each part with probability 0.5: brightness
     +-32/255, contrast x[0.5, 1.5], saturation x[0.5, 1.5], hue +-18 OpenCV units (= +-36 degrees = 0.1)."""
-    return A.Sequential([
-        A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0, p=0.5),
-        A.RandomBrightnessContrast(brightness_limit=0, contrast_limit=0.5, p=0.5),
-        A.ColorJitter(brightness=0, contrast=0, saturation=0.5, hue=0, p=0.5),
-        A.ColorJitter(brightness=0, contrast=0, saturation=0, hue=0.1, p=0.5),
-    ], p=1.0)
+    return A.Sequential(
+        [
+            A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0, contrast_limit=0.5, p=0.5),
+            A.ColorJitter(brightness=0, contrast=0, saturation=0.5, hue=0, p=0.5),
+            A.ColorJitter(brightness=0, contrast=0, saturation=0, hue=0.1, p=0.5),
+        ],
+        p=1.0,
+    )
 
 
 def build_segmentation_transforms(
@@ -278,19 +316,28 @@ def build_segmentation_transforms(
             ops.append(A.HorizontalFlip(p=hflip))
         if photometric:
             ops.append(photometric_distortion())
-        ops.append(A.PadIfNeeded(min_height=crop_size[0], min_width=crop_size[1], position="top_left",
-                                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index))
+        ops.append(
+            A.PadIfNeeded(
+                min_height=crop_size[0],
+                min_width=crop_size[1],
+                position="top_left",
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=ignore_index,
+            )
+        )
     else:
         ops = [RandomRescale(eval_scale, resize_mask=False)] if eval_scale else []
     ops += [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
     return A.Compose(ops)
 
 
-# ---- layouts: lists of (image, mask) pairs -------------------------------------------------------------------
+# ---- layouts: lists of (image, mask) pairs ---------------------------------------------------------------
 
 
-def pair_folder(image_root: Path, mask_root: Path, image_suffix: str | None = None,
-                mask_suffix: str = ".png") -> list[tuple[Path, Path]]:
+def pair_folder(
+    image_root: Path, mask_root: Path, image_suffix: str | None = None, mask_suffix: str = ".png"
+) -> list[tuple[Path, Path]]:
     """Every image under ``image_root`` (recursively) with the mask at the same relative path under
     ``mask_root``, its name's ``image_suffix`` (default: the extension) replaced by ``mask_suffix``."""
     if not image_root.is_dir():
@@ -299,22 +346,27 @@ def pair_folder(image_root: Path, mask_root: Path, image_suffix: str | None = No
         raise FileNotFoundError(f"mask folder {mask_root} does not exist")
     pairs, missing = [], []
     for path in sorted(image_root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or (image_suffix and not path.name.endswith(image_suffix)):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or (
+            image_suffix and not path.name.endswith(image_suffix)
+        ):
             continue
         stem = path.name[: -len(image_suffix)] if image_suffix else path.stem
         mask = mask_root / path.parent.relative_to(image_root) / f"{stem}{mask_suffix}"
         (pairs if mask.is_file() else missing).append((path, mask))
     if missing:
         shown = "; ".join(f"{m} (for {i})" for i, m in missing[:3])
-        raise FileNotFoundError(f"{len(missing)} image(s) under {image_root} have no mask: {shown}"
-                                + (" ..." if len(missing) > 3 else ""))
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) under {image_root} have no mask: {shown}"
+            + (" ..." if len(missing) > 3 else "")
+        )
     if not pairs:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {image_root}")
     return pairs
 
 
-def pair_list(list_file: Path, image_root: Path, mask_root: Path, image_ext: str = ".jpg",
-              mask_ext: str = ".png") -> list[tuple[Path, Path]]:
+def pair_list(
+    list_file: Path, image_root: Path, mask_root: Path, image_ext: str = ".jpg", mask_ext: str = ".png"
+) -> list[tuple[Path, Path]]:
     """The ids in ``list_file`` (one per line, VOC/SBD ``ImageSets`` style) as image and mask paths."""
     if not list_file.is_file():
         raise FileNotFoundError(f"split list {list_file} does not exist")
@@ -325,12 +377,14 @@ def pair_list(list_file: Path, image_root: Path, mask_root: Path, image_ext: str
     for kind, index in (("image", 0), ("mask", 1)):
         missing = [str(p[index]) for p in pairs if not p[index].is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} {kind}(s) listed in {list_file} are missing: "
-                                    f"{', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+            raise FileNotFoundError(
+                f"{len(missing)} {kind}(s) listed in {list_file} are missing: "
+                f"{', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")
+            )
     return pairs
 
 
-# ---- datamodules ---------------------------------------------------------------------------------------------
+# ---- datamodules -----------------------------------------------------------------------------------------
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -378,7 +432,9 @@ class SegmentationDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.num_classes, self.in_chans, self.ignore_index = num_classes, in_chans, ignore_index
         names = tuple(class_names or self.CLASS_NAMES)
-        self.class_names = names if len(names) == num_classes else tuple(f"class_{i}" for i in range(num_classes))
+        self.class_names = (
+            names if len(names) == num_classes else tuple(f"class_{i}" for i in range(num_classes))
+        )
         config = backbone_eval_config(backbone, in_chans, mean=mean, std=std)
         self.mean, self.std = config.mean, config.std
         self.train_set: Dataset | None = None
@@ -392,27 +448,44 @@ class SegmentationDataModule(L.LightningDataModule):
     def transforms(self, train: bool) -> A.Compose:
         hp = self.hparams
         return build_segmentation_transforms(
-            train, self.mean, self.std, crop_size=tuple(hp.crop_size), scale=hp.scale and tuple(hp.scale),
-            ratio_range=tuple(hp.ratio_range), cat_max_ratio=hp.cat_max_ratio, hflip=hp.hflip,
-            photometric=hp.photometric, eval_scale=hp.eval_scale and tuple(hp.eval_scale),
+            train,
+            self.mean,
+            self.std,
+            crop_size=tuple(hp.crop_size),
+            scale=hp.scale and tuple(hp.scale),
+            ratio_range=tuple(hp.ratio_range),
+            cat_max_ratio=hp.cat_max_ratio,
+            hflip=hp.hflip,
+            photometric=hp.photometric,
+            eval_scale=hp.eval_scale and tuple(hp.eval_scale),
             ignore_index=self.ignore_index,
         )
 
     def _dataset(self, split: str, train: bool) -> SegmentationDataset:
-        return SegmentationDataset(self.samples(split), self.num_classes, self.transforms(train), self.in_chans,
-                                   self.hparams.reduce_zero_label, self.ignore_index)
+        return SegmentationDataset(
+            self.samples(split),
+            self.num_classes,
+            self.transforms(train),
+            self.in_chans,
+            self.hparams.reduce_zero_label,
+            self.ignore_index,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         self.train_set = self._dataset("train", train=True)
         if self.hparams.train_subset:
-            self.train_set = Subset(self.train_set, range(min(self.hparams.train_subset, len(self.train_set))))
+            self.train_set = Subset(
+                self.train_set, range(min(self.hparams.train_subset, len(self.train_set)))
+            )
         self.val_set = self._dataset("val", train=False)
         self.test_set = self._dataset("test", train=False)
         if len(self.train_set) < self.hparams.batch_size:
-            raise ValueError(f"the training split has {len(self.train_set)} images, fewer than data.batch_size="
-                             f"{self.hparams.batch_size}; lower data.batch_size")
+            raise ValueError(
+                f"the training split has {len(self.train_set)} images, fewer than data.batch_size="
+                f"{self.hparams.batch_size}; lower data.batch_size"
+            )
         _base(self.train_set).transform.set_random_seed(torch.initial_seed() % 2**32)  # main-process loading
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
@@ -447,26 +520,44 @@ def _base(dataset: Dataset) -> Dataset:
 
 class SegmentationFolderDataModule(SegmentationDataModule):
     """Images in ``root/<image_dir>/<split>/...`` and masks at the same relative paths under
-    ``root/<mask_dir>/<split>/`` (name: the image's, ``image_suffix`` or extension replaced by ``mask_suffix``).
+    ``root/<mask_dir>/<split>/`` (the image's name, ``image_suffix`` or extension replaced by
+    ``mask_suffix``).
     ``splits`` maps train/val/test to folder names; a missing test folder falls back to the val split."""
 
-    def __init__(self, root: str, image_dir: str = "images", mask_dir: str = "masks",
-                 splits: dict[str, str] | None = None, image_suffix: str | None = None,
-                 mask_suffix: str = ".png", **kwargs):
+    def __init__(
+        self,
+        root: str,
+        image_dir: str = "images",
+        mask_dir: str = "masks",
+        splits: dict[str, str] | None = None,
+        image_suffix: str | None = None,
+        mask_suffix: str = ".png",
+        **kwargs,
+    ):
         super().__init__(root, **kwargs)
-        self.image_dir, self.mask_dir, self.image_suffix, self.mask_suffix = image_dir, mask_dir, image_suffix, mask_suffix
+        self.image_dir, self.mask_dir, self.image_suffix, self.mask_suffix = (
+            image_dir,
+            mask_dir,
+            image_suffix,
+            mask_suffix,
+        )
         self.splits = {"train": "train", "val": "val", "test": "test", **(splits or {})}
 
     def samples(self, split: str) -> list[tuple[Path, Path]]:
         name = self.splits[split]
         if split == "test" and not (self.root / self.image_dir / name).is_dir():
             name = self.splits["val"]
-        return pair_folder(self.root / self.image_dir / name, self.root / self.mask_dir / name,
-                           self.image_suffix, self.mask_suffix)
+        return pair_folder(
+            self.root / self.image_dir / name,
+            self.root / self.mask_dir / name,
+            self.image_suffix,
+            self.mask_suffix,
+        )
 
 
 class ADE20KDataModule(SegmentationFolderDataModule):
-    """ADEChallengeData2016: ``images/{training,validation}/*.jpg``, ``annotations/{training,validation}/*.png``
+    """ADEChallengeData2016: ``images/{training,validation}/*.jpg``,
+    ``annotations/{training,validation}/*.png``
     (0 = other, ignored; 150 classes). The validation split is also the test split."""
 
     CLASS_NAMES = ADE20K_CLASSES
@@ -474,22 +565,34 @@ class ADE20KDataModule(SegmentationFolderDataModule):
     def __init__(self, root: str, **kwargs):
         kwargs.setdefault("num_classes", 150)
         kwargs.setdefault("reduce_zero_label", True)
-        super().__init__(root, image_dir="images", mask_dir="annotations",
-                         splits={"train": "training", "val": "validation", "test": "validation"}, **kwargs)
+        super().__init__(
+            root,
+            image_dir="images",
+            mask_dir="annotations",
+            splits={"train": "training", "val": "validation", "test": "validation"},
+            **kwargs,
+        )
 
 
 class CityscapesDataModule(SegmentationFolderDataModule):
     """Cityscapes: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with ``gtFine/<split>/<city>/
-    *_gtFine_labelTrainIds.png`` (19 train ids, 255 ignored; made by cityscapesscripts' createTrainIdLabelImgs).
+    *_gtFine_labelTrainIds.png`` (19 train ids, 255 ignored; made by cityscapesscripts'
+    createTrainIdLabelImgs).
     The val split is also the test split (test labels are not public)."""
 
     CLASS_NAMES = CITYSCAPES_CLASSES
 
     def __init__(self, root: str, **kwargs):
         kwargs.setdefault("num_classes", 19)
-        super().__init__(root, image_dir="leftImg8bit", mask_dir="gtFine",
-                         splits={"train": "train", "val": "val", "test": "val"},
-                         image_suffix="_leftImg8bit.png", mask_suffix="_gtFine_labelTrainIds.png", **kwargs)
+        super().__init__(
+            root,
+            image_dir="leftImg8bit",
+            mask_dir="gtFine",
+            splits={"train": "train", "val": "val", "test": "val"},
+            image_suffix="_leftImg8bit.png",
+            mask_suffix="_gtFine_labelTrainIds.png",
+            **kwargs,
+        )
 
 
 class VOCDataModule(SegmentationDataModule):
@@ -500,16 +603,25 @@ class VOCDataModule(SegmentationDataModule):
 
     CLASS_NAMES = VOC_CLASSES
 
-    def __init__(self, root: str, mask_dir: str = "SegmentationClass", splits: dict[str, str] | None = None,
-                 list_dir: str = "ImageSets/Segmentation", **kwargs):
+    def __init__(
+        self,
+        root: str,
+        mask_dir: str = "SegmentationClass",
+        splits: dict[str, str] | None = None,
+        list_dir: str = "ImageSets/Segmentation",
+        **kwargs,
+    ):
         kwargs.setdefault("num_classes", 21)
         super().__init__(root, **kwargs)
         self.mask_dir, self.list_dir = mask_dir, list_dir
         self.splits = {"train": "train", "val": "val", "test": "val", **(splits or {})}
 
     def samples(self, split: str) -> list[tuple[Path, Path]]:
-        return pair_list(self.root / self.list_dir / f"{self.splits[split]}.txt", self.root / "JPEGImages",
-                         self.root / self.mask_dir)
+        return pair_list(
+            self.root / self.list_dir / f"{self.splits[split]}.txt",
+            self.root / "JPEGImages",
+            self.root / self.mask_dir,
+        )
 
 
 class FashionScenesDataModule(SegmentationFolderDataModule):
@@ -518,17 +630,32 @@ class FashionScenesDataModule(SegmentationFolderDataModule):
 
     CLASS_NAMES = SCENE_CLASSES
 
-    def __init__(self, root: str, fashion_root: str, scene_splits: dict[str, int] | None = None,
-                 canvas: int = 128, items: tuple[int, int] = (2, 5), size: tuple[int, int] = (28, 64),
-                 seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        root: str,
+        fashion_root: str,
+        scene_splits: dict[str, int] | None = None,
+        canvas: int = 128,
+        items: tuple[int, int] = (2, 5),
+        size: tuple[int, int] = (28, 64),
+        seed: int = 0,
+        **kwargs,
+    ):
         kwargs.setdefault("num_classes", len(SCENE_CLASSES))
         super().__init__(root, **kwargs)
         if self.num_classes != len(SCENE_CLASSES):
-            raise ValueError(f"Fashion-MNIST scenes have {len(SCENE_CLASSES)} classes (background + 10); "
-                             f"got num_classes={self.num_classes}")
-        self.scene_args = dict(fashion_root=Path(fashion_root).expanduser(),
-                               splits=dict(scene_splits or {"train": 2000, "val": 200, "test": 200}),
-                               canvas=canvas, items=tuple(items), size=tuple(size), seed=seed)
+            raise ValueError(
+                f"Fashion-MNIST scenes have {len(SCENE_CLASSES)} classes (background + 10); "
+                f"got num_classes={self.num_classes}"
+            )
+        self.scene_args = dict(
+            fashion_root=Path(fashion_root).expanduser(),
+            splits=dict(scene_splits or {"train": 2000, "val": 200, "test": 200}),
+            canvas=canvas,
+            items=tuple(items),
+            size=tuple(size),
+            seed=seed,
+        )
 
     def prepare_data(self) -> None:
         make_fashion_scenes(self.root, **self.scene_args)

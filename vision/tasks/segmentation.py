@@ -38,7 +38,9 @@ def _smp_encoder_decoder(head: str, backbone: dict, in_chans: int, decoder_chann
     if backbone.get("pretrained_file"):
         weights = True
         encoder_kwargs["pretrained_cfg_overlay"] = dict(file=str(backbone["pretrained_file"]))
-    common = dict(encoder_name=f"tu-{backbone['name']}", encoder_weights=weights, in_channels=in_chans, classes=1)
+    common = dict(
+        encoder_name=f"tu-{backbone['name']}", encoder_weights=weights, in_channels=in_chans, classes=1
+    )
     if head == "upernet":
         model = smp.UPerNet(decoder_channels=decoder_channels, **common, **encoder_kwargs)
         out_channels = decoder_channels
@@ -46,9 +48,17 @@ def _smp_encoder_decoder(head: str, backbone: dict, in_chans: int, decoder_chann
         # mmseg's Semantic FPN: a 256-channel neck, a 128-channel head (pyramid = 2 x head channels); dropout
         # once, in our classifier; bilinear merging. smp's head uses GroupNorm(32 groups).
         if decoder_channels % 32:
-            raise ValueError(f"decoder_channels={decoder_channels}: the FPN head's GroupNorm needs a multiple of 32")
-        model = smp.FPN(decoder_pyramid_channels=2 * decoder_channels, decoder_segmentation_channels=decoder_channels,
-                        decoder_dropout=0.0, decoder_interpolation="bilinear", **common, **encoder_kwargs)
+            raise ValueError(
+                f"decoder_channels={decoder_channels}: the FPN head's GroupNorm needs a multiple of 32"
+            )
+        model = smp.FPN(
+            decoder_pyramid_channels=2 * decoder_channels,
+            decoder_segmentation_channels=decoder_channels,
+            decoder_dropout=0.0,
+            decoder_interpolation="bilinear",
+            **common,
+            **encoder_kwargs,
+        )
         out_channels = model.decoder.out_channels
     else:
         raise AssertionError(head)
@@ -63,8 +73,11 @@ class FCNHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 256, dropout: float = 0.1):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
         self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,13 +91,23 @@ class SegmentationModel(nn.Module):
     it; UPerNet and the backbones accept it) and the logits cropped back, so any image size works.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, decoder_channels: int, num_classes: int,
-                 dropout: float = 0.1, aux_channels: int | None = 256, size_divisor: int = 32):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        decoder_channels: int,
+        num_classes: int,
+        dropout: float = 0.1,
+        aux_channels: int | None = 256,
+        size_divisor: int = 32,
+    ):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(decoder_channels, num_classes, 1))
         # smp's encoders list [input, 1/2 (empty for transformers), 1/4, 1/8, 1/16, 1/32]: stage 3 is [-2]
-        self.aux = FCNHead(encoder.out_channels[-2], num_classes, aux_channels, dropout) if aux_channels else None
+        self.aux = (
+            FCNHead(encoder.out_channels[-2], num_classes, aux_channels, dropout) if aux_channels else None
+        )
         self.size_divisor = size_divisor
 
     def _features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
@@ -118,9 +141,15 @@ class SegmentationModel(nn.Module):
         return names
 
 
-def create_segmentation_model(head: str, backbone: dict, num_classes: int, in_chans: int = 3,
-                              decoder_channels: int = 512, dropout: float = 0.1,
-                              aux_channels: int | None = 256) -> SegmentationModel:
+def create_segmentation_model(
+    head: str,
+    backbone: dict,
+    num_classes: int,
+    in_chans: int = 3,
+    decoder_channels: int = 512,
+    dropout: float = 0.1,
+    aux_channels: int | None = 256,
+) -> SegmentationModel:
     """The segmentation network for ``head`` (one of ``HEADS``) on ``backbone`` (a ``configs/model`` entry:
     ``{name, drop_path_rate, pretrained_file, kwargs}``). ``aux_channels=None`` drops the auxiliary head."""
     if head not in HEADS:
@@ -129,13 +158,19 @@ def create_segmentation_model(head: str, backbone: dict, num_classes: int, in_ch
     return SegmentationModel(encoder, decoder, channels, num_classes, dropout, aux_channels)
 
 
-# ---- inference ----------------------------------------------------------------------------------------------
+# ---- inference -------------------------------------------------------------------------------------------
 
 
-def slide_inference(model: nn.Module, images: torch.Tensor, num_classes: int, crop_size: tuple[int, int],
-                    stride: tuple[int, int]) -> torch.Tensor:
+def slide_inference(
+    model: nn.Module,
+    images: torch.Tensor,
+    num_classes: int,
+    crop_size: tuple[int, int],
+    stride: tuple[int, int],
+) -> torch.Tensor:
     """Logits averaged over overlapping ``crop_size`` windows placed every ``stride`` (mmseg's slide mode:
-    the last window in each direction is shifted back to end at the border; windows never exceed the image)."""
+    the last window in each direction is shifted back to end at the border; windows never exceed the
+    image)."""
     (height, width), (ch, cw), (sh, sw) = images.shape[-2:], crop_size, stride
     rows = max(height - ch + sh - 1, 0) // sh + 1
     cols = max(width - cw + sw - 1, 0) // sw + 1
@@ -151,8 +186,9 @@ def slide_inference(model: nn.Module, images: torch.Tensor, num_classes: int, cr
     return logits / counts
 
 
-def poly_warmup(step: int, total_steps: int, warmup_steps: int, warmup_ratio: float, power: float,
-                min_ratio: float) -> float:
+def poly_warmup(
+    step: int, total_steps: int, warmup_steps: int, warmup_ratio: float, power: float, min_ratio: float
+) -> float:
     """LR multiplier: linear from ``warmup_ratio`` to 1 over ``warmup_steps``, then polynomial decay
     ``(1 - t)^power`` to ``min_ratio`` (mmseg's LinearLR + PolyLR)."""
     if step < warmup_steps:
@@ -209,11 +245,20 @@ class SegmentationModule(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.inference_cfg = dict(inference or {"mode": "whole"})
         if self.inference_cfg.get("mode") not in ("whole", "slide"):
-            raise ValueError(f"inference.mode={self.inference_cfg.get('mode')!r}; expected 'whole' or 'slide'")
+            raise ValueError(
+                f"inference.mode={self.inference_cfg.get('mode')!r}; expected 'whole' or 'slide'"
+            )
         if self.inference_cfg["mode"] == "slide" and not {"crop_size", "stride"} <= set(self.inference_cfg):
             raise ValueError("inference.mode=slide needs inference.crop_size and inference.stride ([h, w])")
-        self.net = create_segmentation_model(head, backbone, num_classes, in_chans, decoder_channels, dropout,
-                                             aux_channels if aux_weight > 0 else None)
+        self.net = create_segmentation_model(
+            head,
+            backbone,
+            num_classes,
+            in_chans,
+            decoder_channels,
+            dropout,
+            aux_channels if aux_weight > 0 else None,
+        )
 
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         kw = dict(num_classes=num_classes, ignore_index=ignore_index, validate_args=False)
@@ -233,8 +278,9 @@ class SegmentationModule(L.LightningModule):
         """Logits ``[B, K, H, W]`` with the configured inference mode (whole image or sliding window)."""
         cfg = self.inference_cfg
         if cfg["mode"] == "slide":
-            return slide_inference(self.net, images, self.hparams.num_classes, tuple(cfg["crop_size"]),
-                                   tuple(cfg["stride"]))
+            return slide_inference(
+                self.net, images, self.hparams.num_classes, tuple(cfg["crop_size"]), tuple(cfg["stride"])
+            )
         return self.net(images)
 
     def setup(self, stage: str) -> None:
@@ -246,13 +292,15 @@ class SegmentationModule(L.LightningModule):
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
 
-    # ---- training -------------------------------------------------------------------------------------------
+    # ---- training -----------------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, masks = batch[0], batch[1]
         if images.shape[0] < 2 and self.hparams.head == "upernet":
-            raise ValueError("UPerNet's pyramid pooling (1x1 pooled BatchNorm) needs at least 2 images per training "
-                             f"batch; got {images.shape[0]}: raise data.batch_size")
+            raise ValueError(
+                "UPerNet's pyramid pooling (1x1 pooled BatchNorm) needs at least 2 images per training "
+                f"batch; got {images.shape[0]}: raise data.batch_size"
+            )
         logits, aux = self.net.forward_train(self._images(images))
         ignore = self.hparams.ignore_index
         loss = F.cross_entropy(logits, masks, ignore_index=ignore)
@@ -270,7 +318,7 @@ class SegmentationModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.val_miou_best.reset()  # sanity-check batches must not count towards the best
 
-    # ---- evaluation -----------------------------------------------------------------------------------------
+    # ---- evaluation ---------------------------------------------------------------------------------------
 
     def _evaluate(self, batch, loss_metric, metrics: list) -> list[torch.Tensor]:
         """Predict at the (resized) image size, then score at each mask's original size."""
@@ -282,15 +330,17 @@ class SegmentationModule(L.LightningModule):
         else:
             pairs = []
             for i, (h, w, mh, mw) in enumerate(sizes.tolist()):
-                sample = logits[i: i + 1, :, :h, :w]
+                sample = logits[i : i + 1, :, :h, :w]
                 if (h, w) != (mh, mw):
                     sample = F.interpolate(sample, size=(mh, mw), mode="bilinear", align_corners=False)
-                pairs.append((sample, masks[i: i + 1, :mh, :mw]))
+                pairs.append((sample, masks[i : i + 1, :mh, :mw]))
         predictions = []
         for sample, target in pairs:
             if (target != self.hparams.ignore_index).any():  # an all-ignored mask has no defined loss
-                loss_metric(F.cross_entropy(sample, target, ignore_index=self.hparams.ignore_index),
-                            (target != self.hparams.ignore_index).sum())
+                loss_metric(
+                    F.cross_entropy(sample, target, ignore_index=self.hparams.ignore_index),
+                    (target != self.hparams.ignore_index).sum(),
+                )
             prediction = sample.argmax(1)
             for metric in metrics:
                 metric(prediction, target)
@@ -320,8 +370,8 @@ class SegmentationModule(L.LightningModule):
         names = self.hparams.class_names
         if not names and self._trainer is not None:
             names = getattr(self.trainer.datamodule, "class_names", None)
-        names = list(names or [])
-        return names if len(names) == self.hparams.num_classes else [f"class_{i}" for i in range(self.hparams.num_classes)]
+        names, count = list(names or []), self.hparams.num_classes
+        return names if len(names) == count else [f"class_{i}" for i in range(count)]
 
     def on_test_epoch_end(self) -> None:
         ious = per_class_iou(self.test_iou.confmat)
@@ -333,23 +383,26 @@ class SegmentationModule(L.LightningModule):
         if self.trainer.is_global_zero:
             print_iou_table(names, ious.tolist())
 
-    # ---- optimisation ---------------------------------------------------------------------------------------
+    # ---- optimisation -------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = create_optimizer_v2(self.net, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay,
-                                        betas=tuple(hp.betas))
+        optimizer = create_optimizer_v2(
+            self.net, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)
+        )
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(hp.warmup_steps, total // 2)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: poly_warmup(step, total, warmup, hp.warmup_ratio, hp.poly_power, hp.min_lr / hp.lr)
+            optimizer,
+            lambda step: poly_warmup(step, total, warmup, hp.warmup_ratio, hp.poly_power, hp.min_lr / hp.lr),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def per_class_iou(confmat: torch.Tensor) -> torch.Tensor:
     """IoU per class from a ``[K, K]`` (target, prediction) confusion matrix; NaN where a class is neither
-    labelled nor predicted (mmseg's convention; ``MulticlassJaccardIndex(average="macro")`` skips those too)."""
+    labelled nor predicted (mmseg's convention; ``MulticlassJaccardIndex(average="macro")`` skips them
+    too)."""
     confmat = confmat.double()
     tp = confmat.diag()
     union = confmat.sum(0) + confmat.sum(1) - tp
