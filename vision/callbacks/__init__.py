@@ -3,5 +3,7 @@
 from .attention_maps import AttentionMaps
 from .keep_rate import KeepRateSchedule
 from .reliability import BadSampleCount, NonFiniteGuard, Preemption, ResumeState
+from .segmentation_preview import SegmentationPreview
 
-__all__ = ["AttentionMaps", "BadSampleCount", "KeepRateSchedule", "NonFiniteGuard", "Preemption", "ResumeState"]
+__all__ = ["AttentionMaps", "BadSampleCount", "KeepRateSchedule", "NonFiniteGuard", "Preemption", "ResumeState",
+           "SegmentationPreview"]

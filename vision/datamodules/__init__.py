@@ -23,17 +23,30 @@ from .medical import (
     write_synthetic_masks,
 )
 from .scenes import make_fashion_scenes
+from .segmentation import (
+    ADE20KDataModule,
+    CityscapesDataModule,
+    FashionScenesDataModule,
+    SegmentationDataError,
+    SegmentationDataModule,
+    SegmentationDataset,
+    SegmentationFolderDataModule,
+    VOCDataModule,
+)
 from .transforms import EvalConfig, backbone_eval_config, build_transforms
 
 __all__ = [
+    "ADE20KDataModule",
     "ArrayDataset",
     "BadSampleError",
     "BadSamples",
+    "CityscapesDataModule",
     "ClassificationDataModule",
     "CorruptImageError",
     "DecathlonDataModule",
     "EvalConfig",
     "FashionMNISTDataModule",
+    "FashionScenesDataModule",
     "ImageFolderDataModule",
     "ImageFolderDataset",
     "InvalidCaseError",
@@ -41,7 +54,12 @@ __all__ = [
     "MedMNISTDataModule",
     "ResumableLoader",
     "ResumableSampler",
+    "SegmentationDataError",
+    "SegmentationDataModule",
+    "SegmentationDataset",
+    "SegmentationFolderDataModule",
     "TransformedDataset",
+    "VOCDataModule",
     "backbone_eval_config",
     "build_transforms",
     "check_boxes",

@@ -2,5 +2,6 @@
 
 from .classification import ClassificationModule
 from .medical import MedicalSegmentationModule
+from .segmentation import SegmentationModule, create_segmentation_model
 
-__all__ = ["ClassificationModule", "MedicalSegmentationModule"]
+__all__ = ["ClassificationModule", "MedicalSegmentationModule", "SegmentationModule", "create_segmentation_model"]
