@@ -238,3 +238,61 @@ def test_ade20k_experiments(compose_cfg, tmp_path, experiment, backbone):
     )
     metrics, _ = train(cfg)
     assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/miou"] <= 1
+
+
+# ---- DToP as a segmentation head (head=dtop) ------------------------------------------------------------
+
+VIT = dict(name="vit_tiny_patch16_224", kwargs=dict(patch_size=8, embed_dim=64, depth=4, num_heads=2))
+DTOP = dict(variant="dtop_tiny", img_size=32)
+
+
+def test_dtop_head_trains_and_scores_every_pixel():
+    torch.manual_seed(0)
+    module = SegmentationModule(VIT, num_classes=4, head="dtop", dtop=DTOP, aux_weight=0)
+    images, masks = torch.randn(2, 3, 40, 48), torch.randint(0, 4, (2, 40, 48))
+    masks[:, :4] = 255
+    loss = module.training_step((images, masks, None), 0)
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    for j, head in enumerate(module.net.dtop.heads):  # the ATM loss reaches every exit head
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters()), j
+    module.eval()
+    with torch.no_grad():
+        logits = module(images)
+        scores = module.net.dtop(images)["logits"]
+    assert logits.shape == (2, 4, 40, 48) and torch.isfinite(logits).all()
+    # the task's logits are DToP's scores on a log scale: same prediction everywhere
+    assert torch.equal(logits.argmax(1), scores.argmax(1))
+
+
+def test_dtop_head_prunes_only_below_its_threshold():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    never = SegmentationModule(VIT, num_classes=3, head="dtop", dtop={**DTOP, "threshold": 1.01}).eval()
+    always = SegmentationModule(VIT, num_classes=3, head="dtop", dtop={**DTOP, "threshold": 0.0}).eval()
+    always.load_state_dict(never.state_dict())
+    with torch.no_grad():
+        never(images), always(images)
+    tokens = (32 // 8) ** 2
+    assert (never.net.kept == tokens).all()
+    # after the first exit head (block 1) only the top-k per class stay
+    assert (always.net.kept[:, 2:] < tokens).all() and (always.net.kept[:, :2] == tokens).all()
+
+
+def test_dtop_experiment_composes_and_trains_a_step(compose_cfg, tmp_path):
+    from tests.test_segmentation_data import make_ade20k
+    from vision.utils import train
+
+    cfg = compose_cfg("train", ["experiment=dtop_ade20k"])
+    assert (cfg.model.head, cfg.model.dtop.variant, cfg.model.lr, cfg.trainer.max_steps) == (
+        "dtop", "dtop_vit_base", 2e-5, 40000)
+    root = make_ade20k(tmp_path / "ade", n=2)
+    cfg = compose_cfg("train", [
+        "experiment=dtop_ade20k", *QUICK, f"data.root={root}", "trainer.fast_dev_run=true",
+        f"model.backbone.name={VIT['name']}", "+model.backbone.kwargs={patch_size: 8, embed_dim: 64, depth: 4, "
+        "num_heads: 2}", "model.dtop.variant=dtop_tiny", "model.dtop.img_size=64", "data.crop_size=[64,64]",
+        "data.scale=[128,64]", "data.eval_scale=[128,64]", "data.batch_size=2", "model.inference.crop_size=[64,64]",
+        "model.inference.stride=[48,48]", "trainer.precision=32-true", "trainer.gradient_clip_val=35",
+    ])
+    metrics, _ = train(cfg)
+    assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/miou"] <= 1

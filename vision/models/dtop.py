@@ -198,6 +198,8 @@ class DToP(nn.Module):
         if getattr(vit, "pos_embed", None) is None or not hasattr(vit, "blocks"):
             raise ValueError(f"backbone {backbone!r}: DToP needs a plain ViT with an absolute position embedding")
         vit.norm = nn.Identity()  # the official ViT has no final norm (final_norm=False); heads norm their input
+        if getattr(vit, "cls_token", None) is not None:
+            vit.cls_token.requires_grad_(False)  # never used (with_cls_token=False): DDP needs no unused parameters
         depth = len(vit.blocks)
         out_indices = tuple(int(i) for i in out_indices)
         if list(out_indices) != sorted(set(out_indices)) or out_indices[-1] != depth - 1 or out_indices[0] < 0:

@@ -1,7 +1,10 @@
 """Semantic segmentation on any timm backbone (chosen by name) with a UPerNet or Semantic-FPN head.
 
 The network is built by one factory, :func:`create_segmentation_model`, dispatching on the head name
-(``HEADS``); another model type (a plain-ViT head, token pruning) is one more entry there.
+(``HEADS``). Every network maps images to per-class logits ``[B, K, H, W]`` and computes its own training
+losses (``training_losses(images, masks, ignore_index) -> {"loss": total, ...}``), so a segmenter with its own
+objective fits beside the encoder-decoders: ``head=dtop`` is DToP (dynamic token pruning on a plain ViT,
+:mod:`vision.models.dtop`, with its ATM loss).
 
 Heads come from segmentation-models-pytorch: its ``tu-<name>`` encoder is ``timm.create_model(name,
 features_only=True)``, so this package's registered backbones work as well as timm's, and its UPerNet
@@ -65,7 +68,7 @@ def _smp_encoder_decoder(head: str, backbone: dict, in_chans: int, decoder_chann
     return model.encoder, model.decoder, out_channels
 
 
-HEADS = ("upernet", "fpn")
+HEADS = ("upernet", "fpn", "dtop")
 
 
 class FCNHead(nn.Module):
@@ -99,10 +102,12 @@ class SegmentationModel(nn.Module):
         num_classes: int,
         dropout: float = 0.1,
         aux_channels: int | None = 256,
+        aux_weight: float = 0.4,
         size_divisor: int = 32,
     ):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
+        self.aux_weight = aux_weight
         self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(decoder_channels, num_classes, 1))
         # smp's encoders list [input, 1/2 (empty for transformers), 1/4, 1/8, 1/16, 1/32]: stage 3 is [-2]
         self.aux = (
@@ -132,6 +137,15 @@ class SegmentationModel(nn.Module):
         features, size = self._features(images)
         return self._upsample(self.classifier(self.decoder(features)), size, features[0].shape[-2:])
 
+    def training_losses(self, images: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> dict:
+        """Cross-entropy of the logits, plus ``aux_weight`` times the auxiliary head's."""
+        logits, aux = self.forward_train(images)
+        losses = {"ce": F.cross_entropy(logits, masks, ignore_index=ignore_index)}
+        if aux is not None:
+            losses["aux"] = self.aux_weight * F.cross_entropy(aux, masks, ignore_index=ignore_index)
+        losses["loss"] = sum(losses.values())
+        return losses
+
     def no_weight_decay(self) -> set[str]:
         """The backbone's own no-weight-decay names (position tables, ...), under their full paths."""
         names = set()
@@ -139,6 +153,28 @@ class SegmentationModel(nn.Module):
             if module is not self and callable(getattr(module, "no_weight_decay", None)):
                 names |= {f"{prefix}.{n}" for n in module.no_weight_decay()}
         return names
+
+
+class DToPSegmenter(nn.Module):
+    """DToP behind the networks' interface: logits are the log of its per-class scores (so argmax, the
+    validation cross-entropy and sliding windows work unchanged); training uses its own ATM loss on every head.
+    ``kept`` holds the active tokens per block of the last forward ``[B, depth]``."""
+
+    def __init__(self, dtop: nn.Module):
+        super().__init__()
+        self.dtop = dtop
+        self.kept: torch.Tensor | None = None
+
+    def _run(self, images: torch.Tensor) -> dict:
+        out = self.dtop(images)
+        self.kept = out["kept"].detach()
+        return out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images)["logits"].clamp_min(1e-6).log()
+
+    def training_losses(self, images: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> dict:
+        return self.dtop.loss(self._run(images), masks, ignore_index)
 
 
 def create_segmentation_model(
@@ -149,13 +185,30 @@ def create_segmentation_model(
     decoder_channels: int = 512,
     dropout: float = 0.1,
     aux_channels: int | None = 256,
-) -> SegmentationModel:
+    aux_weight: float = 0.4,
+    dtop: dict | None = None,
+) -> nn.Module:
     """The segmentation network for ``head`` (one of ``HEADS``) on ``backbone`` (a ``configs/model`` entry:
-    ``{name, drop_path_rate, pretrained_file, kwargs}``). ``aux_channels=None`` drops the auxiliary head."""
+    ``{name, drop_path_rate, pretrained_file, kwargs}``). ``aux_channels=None`` drops the auxiliary head.
+
+    ``head=dtop``: ``backbone.name`` is a plain timm ViT and ``dtop`` holds DToP's own arguments
+    (``variant`` — ``dtop_vit_base`` / ``dtop_vit_large``, the official settings — and any override of it:
+    ``img_size``, ``out_indices``, ``threshold``, ``top_k``, ``head_dim``, ...)."""
     if head not in HEADS:
         raise ValueError(f"unknown segmentation head {head!r}; choose from {list(HEADS)}")
+    if head == "dtop":
+        from ..models.dtop import create_dtop
+
+        if in_chans != 3:
+            raise ValueError(f"head=dtop takes RGB images (in_chans=3), got in_chans={in_chans}")
+        options = dict(dtop or {})
+        return DToPSegmenter(create_dtop(
+            options.pop("variant", "dtop_vit_base"), backbone=backbone["name"], num_classes=num_classes,
+            drop_path_rate=backbone.get("drop_path_rate", 0.0), pretrained_file=backbone.get("pretrained_file"),
+            backbone_kwargs=dict(backbone.get("kwargs") or {}), **options,
+        ))
     encoder, decoder, channels = _smp_encoder_decoder(head, backbone, in_chans, decoder_channels)
-    return SegmentationModel(encoder, decoder, channels, num_classes, dropout, aux_channels)
+    return SegmentationModel(encoder, decoder, channels, num_classes, dropout, aux_channels, aux_weight)
 
 
 # ---- inference -------------------------------------------------------------------------------------------
@@ -203,7 +256,8 @@ class SegmentationModule(L.LightningModule):
     Args:
         backbone: ``{name, drop_path_rate, pretrained_file, kwargs}`` (a ``configs/model`` entry).
         num_classes, in_chans: the dataset's. ignore_index: label excluded from the loss and the metrics.
-        head: ``upernet`` or ``fpn``. decoder_channels: UPerNet's channels (mmseg 512) or the FPN head's
+        head: ``upernet``, ``fpn`` or ``dtop`` (see :func:`create_segmentation_model`; ``dtop`` holds its
+            options). decoder_channels: UPerNet's channels (mmseg 512) or the FPN head's
             (mmseg 128, a multiple of 32; its neck gets twice as many). dropout: before the classifiers.
         aux_weight: weight of the auxiliary FCN head's loss (mmseg 0.4); 0 builds no auxiliary head.
         aux_channels: its hidden channels.
@@ -237,6 +291,7 @@ class SegmentationModule(L.LightningModule):
         warmup_ratio: float = 1e-6,
         poly_power: float = 1.0,
         inference: dict | None = None,
+        dtop: dict | None = None,
         class_names: list[str] | None = None,
         compile: bool = False,
         channels_last: bool = False,
@@ -258,6 +313,8 @@ class SegmentationModule(L.LightningModule):
             decoder_channels,
             dropout,
             aux_channels if aux_weight > 0 else None,
+            aux_weight,
+            dtop,
         )
 
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
@@ -301,16 +358,12 @@ class SegmentationModule(L.LightningModule):
                 "UPerNet's pyramid pooling (1x1 pooled BatchNorm) needs at least 2 images per training "
                 f"batch; got {images.shape[0]}: raise data.batch_size"
             )
-        logits, aux = self.net.forward_train(self._images(images))
-        ignore = self.hparams.ignore_index
-        loss = F.cross_entropy(logits, masks, ignore_index=ignore)
-        if aux is not None:
-            loss = loss + self.hparams.aux_weight * F.cross_entropy(aux, masks, ignore_index=ignore)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step}; lower model.lr, raise "
-                "model.warmup_steps, or use trainer.gradient_clip_val / fp32 precision"
-            )
+        losses = self.net.training_losses(self._images(images), masks, self.hparams.ignore_index)
+        loss = losses.pop("loss")
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False)
+        if isinstance(self.net, DToPSegmenter):
+            self.log("train/kept_tokens", self.net.kept[:, -1].float().mean(), on_step=True, on_epoch=False)
         self.train_loss(loss.detach())
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
