@@ -185,7 +185,7 @@ def detection_transforms(train: bool, scales=(800,), max_size: int = 1333, crop:
     """Training: multi-scale resize, box-safe random crop, flip, colour jitter. Evaluation: none (the
     detector resizes). Boxes are absolute xyxy (``pascal_voc``); label fields carry each box's label,
     crowd flag and its index (which instance masks survive)."""
-    ops = []
+    ops = [A.NoOp()]  # evaluation: nothing, but boxes still pass through the bbox processor
     if train:
         ops = [A.SmallestMaxSize(max_size=[int(s) for s in scales]), A.LongestMaxSize(max_size=int(max_size))]
         if crop > 0:

@@ -235,14 +235,15 @@ class DetectionModule(L.LightningModule):
             if not hasattr(inner, "group_matcher"):
                 raise ValueError(f"layer_decay needs a backbone with timm's group_matcher; "
                                  f"{hp.backbone['name']} as features_only has none: use backbone_lr_mult")
-            groups = param_groups_layer_decay(inner, hp.weight_decay, list(skip), hp.layer_decay)
+            groups = param_groups_layer_decay(inner, weight_decay=hp.weight_decay, no_weight_decay_list=list(skip),
+                                              layer_decay=hp.layer_decay)
         else:
-            groups = param_groups_weight_decay(body, hp.weight_decay, list(skip))
+            groups = param_groups_weight_decay(body, weight_decay=hp.weight_decay, no_weight_decay_list=list(skip))
         for group in groups:
             group["lr"] = hp.lr * hp.backbone_lr_mult * group.pop("lr_scale", 1.0)
         ids = {id(p) for p in body.parameters()}
         rest = nn.ParameterList([p for p in self.detector.parameters() if id(p) not in ids and p.requires_grad])
-        for group in param_groups_weight_decay(rest, hp.weight_decay):
+        for group in param_groups_weight_decay(rest, weight_decay=hp.weight_decay):
             groups.append({**group, "lr": hp.lr})
         return [g for g in groups if g["params"]]
 
