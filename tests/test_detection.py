@@ -299,7 +299,8 @@ def test_quickstart_detection_fast_dev_run_writes_previews(compose_cfg, tmp_path
 
     cfg = compose_cfg("train", ["experiment=quickstart_detection", "trainer.max_epochs=1",
                                 "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-                                "trainer.limit_test_batches=1", *QUICK, f"data.root={scenes}",
+                                "trainer.limit_test_batches=1", "trainer.log_every_n_steps=1", *QUICK,
+                                f"data.root={scenes}",
                                 f"data.scene_splits={SCENES}".replace("'", ""), "data.canvas=64",
                                 "data.size=[20,32]", "data.scales=[64]", "data.max_size=64", "model.min_size=64"])
     metrics, objects = train(cfg)
