@@ -11,7 +11,7 @@ from vision.datamodules.segmentation import (
     ADE20KDataModule,
     CatMaxRatioCrop,
     CityscapesDataModule,
-    FashionScenesDataModule,
+    FashionScenesSegmentationDataModule,
     SegmentationDataError,
     SegmentationFolderDataModule,
     VOCDataModule,
@@ -240,7 +240,7 @@ def test_training_crops_are_padded_with_the_ignore_index(tmp_path):
 
 
 def test_fashion_scenes_datamodule(tmp_path, fashion_root):
-    dm = FashionScenesDataModule(
+    dm = FashionScenesSegmentationDataModule(
         str(tmp_path / "scenes"),
         str(fashion_root),
         scene_splits={"train": 4, "val": 2},

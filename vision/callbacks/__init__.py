@@ -1,9 +1,10 @@
 """Lightning callbacks."""
 
 from .attention_maps import AttentionMaps
+from .detection_preview import DetectionPreview
 from .keep_rate import KeepRateSchedule
 from .reliability import BadSampleCount, NonFiniteGuard, Preemption, ResumeState
 from .segmentation_preview import SegmentationPreview
 
-__all__ = ["AttentionMaps", "BadSampleCount", "KeepRateSchedule", "NonFiniteGuard", "Preemption", "ResumeState",
-           "SegmentationPreview"]
+__all__ = ["AttentionMaps", "BadSampleCount", "DetectionPreview", "KeepRateSchedule", "NonFiniteGuard", "Preemption",
+           "ResumeState", "SegmentationPreview"]

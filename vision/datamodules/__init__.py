@@ -13,6 +13,14 @@ from .datasets import (
     read_idx,
     read_image,
 )
+from .detection import (
+    AnnotationError,
+    CocoDetection,
+    CocoDetectionDataModule,
+    FashionScenesDetectionDataModule,
+    collate_detection,
+    read_coco,
+)
 from .loaders import ResumableLoader, ResumableSampler
 from .medical import (
     DecathlonDataModule,
@@ -26,7 +34,7 @@ from .scenes import make_fashion_scenes
 from .segmentation import (
     ADE20KDataModule,
     CityscapesDataModule,
-    FashionScenesDataModule,
+    FashionScenesSegmentationDataModule,
     SegmentationDataError,
     SegmentationDataModule,
     SegmentationDataset,
@@ -37,16 +45,20 @@ from .transforms import EvalConfig, backbone_eval_config, build_transforms
 
 __all__ = [
     "ADE20KDataModule",
+    "AnnotationError",
     "ArrayDataset",
     "BadSampleError",
     "BadSamples",
     "CityscapesDataModule",
     "ClassificationDataModule",
+    "CocoDetection",
+    "CocoDetectionDataModule",
     "CorruptImageError",
     "DecathlonDataModule",
     "EvalConfig",
     "FashionMNISTDataModule",
-    "FashionScenesDataModule",
+    "FashionScenesDetectionDataModule",
+    "FashionScenesSegmentationDataModule",
     "ImageFolderDataModule",
     "ImageFolderDataset",
     "InvalidCaseError",
@@ -64,7 +76,9 @@ __all__ = [
     "build_transforms",
     "check_boxes",
     "check_mask",
+    "collate_detection",
     "make_fashion_scenes",
+    "read_coco",
     "read_idx",
     "read_image",
     "write_synthetic_decathlon",

@@ -624,7 +624,7 @@ class VOCDataModule(SegmentationDataModule):
         )
 
 
-class FashionScenesDataModule(SegmentationFolderDataModule):
+class FashionScenesSegmentationDataModule(SegmentationFolderDataModule):
     """The embedded default: Fashion-MNIST scenes (:func:`make_fashion_scenes`, 0 background + 10 garment
     classes), generated once into ``root`` by ``prepare_data`` from the idx files in ``fashion_root``."""
 
