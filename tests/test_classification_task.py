@@ -44,6 +44,17 @@ def test_no_weight_decay_on_norms_and_biases():
         assert (id(p) in decayed) == (p.ndim > 1), name  # 1-D params (norms, biases) have none
 
 
+def test_layer_decay_scales_each_group_lr():
+    module = ClassificationModule(BACKBONE, num_classes=4, in_chans=1, lr=1e-3, layer_decay=0.5, warmup_epochs=0)
+    trainer = fit(module, steps=1)
+    groups = trainer.optimizers[0].param_groups
+    scales = {g["lr_scale"] for g in groups}
+    assert min(scales) < 0.1 and max(scales) == 1.0  # the stem decays most, the head not at all
+    schedule = trainer.lr_scheduler_configs[0].scheduler
+    for group, base in zip(groups, schedule.base_lrs):
+        assert base == pytest.approx(1e-3 * group["lr_scale"])
+
+
 def test_warmup_then_cosine():
     total, warmup = 100, 10
     lrs = [warmup_cosine(s, total, warmup, 0.01) for s in range(total + 1)]

@@ -191,6 +191,8 @@ class ClassificationModule(L.LightningModule):
             self.model, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
             layer_decay=hp.layer_decay,
         )
+        for group in optimizer.param_groups:  # timm leaves layer decay as lr_scale, which only its schedulers apply
+            group["lr"] = hp.lr * group.get("lr_scale", 1.0)
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = min(int(hp.warmup_epochs * steps_per_epoch), total // 2)
