@@ -115,7 +115,7 @@ def test_missing_and_malformed_annotation_files(scenes, tmp_path):
     root = copy_scenes(scenes, tmp_path)
     path = edit(root, "train", lambda c: c["annotations"][1].update(bbox=[1, 2, "x", 4]))
     with pytest.raises(AnnotationError, match=r"instances_train.json: annotation id 2 has bbox"):
-        read_coco(path, root / "images" / "train", on_bad_annotation="skip")  # malformed: an error either way
+        read_coco(path, root / "images" / "train", on_bad_sample="skip")  # malformed: an error either way
 
 
 @pytest.mark.parametrize("fault, reason, message", [
@@ -129,8 +129,8 @@ def test_bad_annotations_error_or_are_counted(scenes, tmp_path, fault, reason, m
     root = copy_scenes(scenes, tmp_path)
     path = edit(root, "train", fault)
     with pytest.raises(AnnotationError, match=f"instances_train.json: {message}"):
-        read_coco(path, root / "images" / "train", on_bad_annotation="error")
-    records, _, report = read_coco(path, root / "images" / "train", on_bad_annotation="skip")
+        read_coco(path, root / "images" / "train", on_bad_sample="error")
+    records, _, report = read_coco(path, root / "images" / "train", on_bad_sample="skip")
     assert report == {reason: 1}
     total = len(json.loads(path.read_text())["annotations"])
     assert sum(len(r["anns"]) for r in records) == total - 1
@@ -150,15 +150,15 @@ def test_clipping_crowd_empty_and_missing_images(scenes, tmp_path):
     path = edit(root, "train", change)
     image_dir = root / "images" / "train"
     with pytest.raises(AnnotationError, match="image id 500: file .*gone.png not found"):
-        read_coco(path, image_dir, on_bad_annotation="error")
-    records, _, report = read_coco(path, image_dir, on_bad_annotation="skip", drop_empty=True)
+        read_coco(path, image_dir, on_bad_sample="error")
+    records, _, report = read_coco(path, image_dir, on_bad_sample="skip", drop_empty=True)
     assert report["missing image file"] == 1 and report["box clipped to its image"] == 1
     assert report["crowd (evaluation only)"] == 1 and report["image without annotations"] == 1  # id 501
     assert {r["id"] for r in records} == set(range(1, SCENES["train"] + 1))
     box = next(a["box"] for r in records for a in r["anns"] if a["id"] == 1)
     assert box == [0.0, 60.0, 15.0, 64.0]
     # evaluation keeps empty images and flags crowd boxes; training drops crowd boxes from the targets
-    evaluation = CocoDetection(image_dir, path, on_bad_annotation="skip")
+    evaluation = CocoDetection(image_dir, path, on_bad_sample="skip")
     assert any(r["id"] == 501 for r in evaluation.records)
     _, target = evaluation[0]
     assert target["iscrowd"].tolist().count(1) == 1
@@ -171,8 +171,8 @@ def test_unreadable_image_errors_or_is_dropped_from_its_batch(scenes, tmp_path):
     (root / "images" / "val" / "000001.png").write_bytes(b"not a png")
     ann = root / "annotations" / "instances_val.json"
     with pytest.raises(Exception, match="000001.png"):
-        CocoDetection(root / "images" / "val", ann, on_bad_annotation="error")[0]
-    dataset = CocoDetection(root / "images" / "val", ann, on_bad_annotation="skip")
+        CocoDetection(root / "images" / "val", ann, on_bad_sample="error")[0]
+    dataset = CocoDetection(root / "images" / "val", ann, on_bad_sample="skip")
     with pytest.warns(UserWarning, match="000001.png"):
         images, targets = next(iter(DataLoader(dataset, batch_size=2, collate_fn=collate_detection)))
     assert len(images) == len(targets) == 1 and dataset.skipped == 1
@@ -185,8 +185,8 @@ def test_category_and_class_count_checks(scenes, fashion_root, tmp_path):
     edit(root, "val", lambda c: c["categories"].pop())
     with pytest.raises(AnnotationError, match="instances_val.json has category ids"):
         scene_module(root, fashion_root).setup()
-    with pytest.raises(ValueError, match="on_bad_annotation='ignore'"):
-        scene_module(scenes, fashion_root, on_bad_annotation="ignore")
+    with pytest.raises(ValueError, match="on_bad_sample='ignore'"):
+        scene_module(scenes, fashion_root, on_bad_sample="ignore")
 
 
 # ---- model ------------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_quickstart_detection_fast_dev_run_writes_previews(compose_cfg, tmp_path
     metrics, objects = train(cfg)
     assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/map_50"] <= 1
     assert any(key.startswith("test/ap/") for key in metrics)
-    previews = list(Path(objects["trainer"].log_dir).glob("detection_preview/epoch000.png"))
+    previews = list(Path(objects["trainer"].log_dir).glob("detection_preview/epoch000_val_predictions.png"))
     assert previews and Image.open(previews[0]).size[0] > 64 * 2
 
 

@@ -203,6 +203,25 @@ def test_unreadable_image_is_named(tmp_path):
         read_sample(tmp_path / "a.jpg", tmp_path / "a.png", num_classes=3)
 
 
+def test_bad_samples_follow_the_project_policy(tmp_path):
+    """data.on_bad_sample: error (default) stops naming the file; skip drops the sample and counts it."""
+    root = make_ade20k(tmp_path / "ade", n=3)
+    bad = root / "annotations" / "training" / "ADE_training_1.png"
+    Image.fromarray(np.full((40, 50), 200, np.uint8)).save(bad)  # 199 after reduce_zero_label: no such class
+    strict = ADE20KDataModule(str(root), **SMALL)
+    strict.setup()
+    with pytest.raises(SegmentationDataError, match="ADE_training_1.png"):
+        [strict.train_set[i] for i in range(len(strict.train_set))]
+    lenient = ADE20KDataModule(str(root), **SMALL, on_bad_sample="skip")
+    lenient.setup()
+    with pytest.warns(UserWarning, match="skipping.*ADE_training_1.png"):
+        samples = [lenient.train_set[i] for i in range(len(lenient.train_set))]
+    assert sum(s is None for s in samples) == 1 and lenient.skipped == 1
+    images, masks, sizes = collate_segmentation(samples)
+    assert len(images) == len(samples) - 1
+    assert collate_segmentation([None, None]) is None  # Lightning skips an empty batch
+
+
 # ---- augmentations ---------------------------------------------------------------------------------------
 
 

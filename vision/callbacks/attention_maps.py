@@ -13,13 +13,12 @@ files under ``<log dir>/attention_maps/``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.utils import make_grid
+
+from ._images import log_images
 
 
 def heat(values: torch.Tensor) -> torch.Tensor:
@@ -112,24 +111,4 @@ class AttentionMaps(L.Callback):
             figures["val/confusion_matrix"] = confusion_image(self.confusion).cpu()
             self.confusion = None
         if trainer.is_global_zero:
-            self._log(trainer, figures)
-
-    def _log(self, trainer: L.Trainer, figures: dict[str, torch.Tensor]) -> None:
-        step, epoch = trainer.global_step, trainer.current_epoch
-        written = False
-        for logger in trainer.loggers:
-            kind = type(logger).__name__
-            if kind == "WandbLogger":
-                logger.log_image(key="figures", images=list(figures.values()), caption=list(figures), step=step)
-                written = True
-            elif kind == "TensorBoardLogger":
-                for key, image in figures.items():
-                    logger.experiment.add_image(key, image, step)
-                written = True
-        if not written:  # CSV logger or none: files next to the run's logs
-            root = Path(trainer.log_dir or trainer.default_root_dir) / "attention_maps"
-            root.mkdir(parents=True, exist_ok=True)
-            for key, image in figures.items():
-                path = root / f"epoch{epoch:03d}_{key.replace('/', '_')}.png"
-                pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-                Image.fromarray(pixels).save(path)
+            log_images(trainer, figures, "attention_maps")

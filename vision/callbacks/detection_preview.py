@@ -11,12 +11,11 @@ PNG files under ``<log dir>/detection_preview/`` (the CSV logger's version folde
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import torch
-from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+
+from ._images import log_images
 
 
 def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[str], color: str,
@@ -81,21 +80,4 @@ class DetectionPreview(L.Callback):
         names = getattr(getattr(trainer, "datamodule", None), "class_names", None) or []
         figure = self.figure(pl_module, names)
         if trainer.is_global_zero:
-            self._log(trainer, figure)
-
-    def _log(self, trainer: L.Trainer, figure: torch.Tensor) -> None:
-        step, epoch = trainer.global_step, trainer.current_epoch
-        written = False
-        for logger in trainer.loggers:
-            kind = type(logger).__name__
-            if kind == "WandbLogger":
-                logger.log_image(key="val/predictions", images=[figure], caption=[f"epoch {epoch}"], step=step)
-                written = True
-            elif kind == "TensorBoardLogger":
-                logger.experiment.add_image("val/predictions", figure, step)
-                written = True
-        if not written:  # CSV logger or none: files next to the run's logs
-            root = Path(trainer.log_dir or trainer.default_root_dir) / "detection_preview"
-            root.mkdir(parents=True, exist_ok=True)
-            pixels = (figure.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(pixels).save(root / f"epoch{epoch:03d}.png")
+            log_images(trainer, {"val/predictions": figure}, "detection_preview")

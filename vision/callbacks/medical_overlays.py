@@ -9,13 +9,12 @@ otherwise to PNG files under ``<log dir>/medical_overlays/``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.utils import make_grid
+
+from ._images import log_images
 
 # class colours (background is transparent): red, green, blue, yellow, magenta, cyan, orange, purple
 PALETTE = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0.4, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0.5, 0],
@@ -57,27 +56,6 @@ def case_slices(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor):
     return image, label, pred
 
 
-def log_figures(trainer: L.Trainer, figures: dict[str, torch.Tensor], folder: str) -> None:
-    """``{key: [3, H, W] in [0, 1]}`` to W&B / TensorBoard, else PNGs in ``<log dir>/<folder>/``."""
-    step, epoch = trainer.global_step, trainer.current_epoch
-    written = False
-    for logger in trainer.loggers:
-        kind = type(logger).__name__
-        if kind == "WandbLogger":
-            logger.log_image(key=folder, images=list(figures.values()), caption=list(figures), step=step)
-            written = True
-        elif kind == "TensorBoardLogger":
-            for key, image in figures.items():
-                logger.experiment.add_image(key, image, step)
-            written = True
-    if not written:
-        root = Path(trainer.log_dir or trainer.default_root_dir) / folder
-        root.mkdir(parents=True, exist_ok=True)
-        for key, image in figures.items():
-            pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(pixels).save(root / f"epoch{epoch:03d}_{key.replace('/', '_')}.png")
-
-
 def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else x  # MONAI MetaTensor -> tensor
 
@@ -109,4 +87,4 @@ class MedicalOverlays(L.Callback):
         grid = make_grid(torch.cat(self.rows), nrow=3, padding=2, pad_value=1.0)
         self.rows = []
         if trainer.is_global_zero:
-            log_figures(trainer, {"val/overlays": grid}, "medical_overlays")
+            log_images(trainer, {"val/overlays": grid}, "medical_overlays")

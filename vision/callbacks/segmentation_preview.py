@@ -9,13 +9,12 @@ under ``<log dir>/segmentation/`` (the CSV logger's version folder).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.utils import make_grid
+
+from ._images import log_images
 
 
 def palette(num_classes: int) -> torch.Tensor:
@@ -100,23 +99,4 @@ class SegmentationPreview(L.Callback):
         )
         grid = make_grid(tiles.flatten(0, 1), nrow=3, padding=2, pad_value=1.0)
         if trainer.is_global_zero:
-            log_image(trainer, "val/predictions", grid, "segmentation")
-
-
-def log_image(trainer: L.Trainer, key: str, image: torch.Tensor, folder: str) -> None:
-    """``image [3, H, W]`` in [0, 1] to W&B / TensorBoard, else a PNG under ``<log dir>/<folder>/``."""
-    step, epoch = trainer.global_step, trainer.current_epoch
-    written = False
-    for logger in trainer.loggers:
-        kind = type(logger).__name__
-        if kind == "WandbLogger":
-            logger.log_image(key=key, images=[image], caption=[f"epoch {epoch}"], step=step)
-            written = True
-        elif kind == "TensorBoardLogger":
-            logger.experiment.add_image(key, image, step)
-            written = True
-    if not written:
-        root = Path(trainer.log_dir or trainer.default_root_dir) / folder
-        root.mkdir(parents=True, exist_ok=True)
-        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(root / f"epoch{epoch:03d}_{key.replace('/', '_')}.png")
+            log_images(trainer, {"val/predictions": grid}, "segmentation")

@@ -19,7 +19,7 @@ Bad input, decided in one place (:func:`read_coco`):
 
 - missing or malformed annotation file, or an annotation without ``id``/``image_id``/``category_id``/
   a 4-number ``bbox``: always an :class:`AnnotationError` naming the file (and the annotation id).
-- per-annotation faults, governed by ``on_bad_annotation`` (``error``: raise naming the file and the
+- per-annotation faults, governed by ``on_bad_sample`` (``error``: raise naming the file and the
   annotation id; ``skip``: drop it, counted and logged per reason): a box with zero or negative width or
   height, a box entirely outside its image, an unknown ``category_id``, an unknown ``image_id``.
 - a listed image whose file is missing: the same option (``error``, or drop the image, counted).
@@ -27,7 +27,7 @@ Bad input, decided in one place (:func:`read_coco`):
   training targets (they are kept, flagged, in evaluation targets, where COCO ignores matches to them);
   training images without any annotation left are dropped (``drop_empty``; evaluation keeps every image).
 - an image that fails to decode at load time (or whose size disagrees with the json): an error naming the
-  file, or with ``on_bad_annotation=skip`` a warning, the sample dropped from its batch and counted in
+  file, or with ``on_bad_sample=skip`` a warning, the sample dropped from its batch and counted in
   :attr:`CocoDetectionDataModule.skipped` (nothing stops mid-epoch).
 """
 
@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -47,15 +46,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .datasets import CorruptImageError, seed_worker_transform
+from .datasets import BAD_SAMPLE_POLICIES, BadSamples, CorruptImageError, seed_worker_transform
 
 log = logging.getLogger("vision")
 
-BAD_INPUT_POLICIES = ("error", "skip")
 
 
 class AnnotationError(ValueError):
-    """A malformed or (under ``on_bad_annotation=error``) invalid COCO annotation; the message names it."""
+    """A malformed or (under ``on_bad_sample=error``) invalid COCO annotation; the message names it."""
 
 
 # ---- reading and checking the annotation file -------------------------------------------------------
@@ -86,7 +84,7 @@ def _box(ann: dict, ann_file: Path) -> list[float]:
     return [float(v) for v in box]
 
 
-def read_coco(ann_file: str | Path, image_dir: str | Path, on_bad_annotation: str = "skip",
+def read_coco(ann_file: str | Path, image_dir: str | Path, on_bad_sample: str = "error",
               drop_empty: bool = False) -> tuple[list[dict], list[dict], Counter]:
     """Parse and check a COCO instances file.
 
@@ -94,15 +92,15 @@ def read_coco(ann_file: str | Path, image_dir: str | Path, on_bad_annotation: st
     anns: [{id, box xyxy (clipped), category_id, iscrowd, segmentation}]}``; the categories sorted by id;
     and a counter of everything filtered or clipped, by reason (see the module docstring).
     """
-    if on_bad_annotation not in BAD_INPUT_POLICIES:
-        raise ValueError(f"on_bad_annotation={on_bad_annotation!r}; expected one of {BAD_INPUT_POLICIES}")
+    if on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise ValueError(f"on_bad_sample={on_bad_sample!r}; expected one of {BAD_SAMPLE_POLICIES}")
     ann_file, image_dir = Path(ann_file), Path(image_dir)
     coco = _load_json(ann_file)
     report: Counter = Counter()
 
     def bad(reason: str, message: str) -> None:
-        if on_bad_annotation == "error":
-            raise AnnotationError(f"{ann_file}: {message} (on_bad_annotation=skip drops it instead)")
+        if on_bad_sample == "error":
+            raise AnnotationError(f"{ann_file}: {message} (on_bad_sample=skip drops it instead)")
         report[reason] += 1
 
     try:
@@ -209,21 +207,21 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path, transform: A.Compose | None = None,
-                 masks: bool = False, train: bool = False, on_bad_annotation: str = "skip",
+                 masks: bool = False, train: bool = False, on_bad_sample: str = "error",
                  drop_empty: bool = False, categories: list[dict] | None = None):
         self.ann_file = Path(ann_file)
-        self.records, self.categories, self.report = read_coco(ann_file, image_dir, on_bad_annotation, drop_empty)
+        self.records, self.categories, self.report = read_coco(ann_file, image_dir, on_bad_sample, drop_empty)
         if categories is not None and [c["id"] for c in categories] != [c["id"] for c in self.categories]:
             raise AnnotationError(f"{self.ann_file} has category ids {[c['id'] for c in self.categories]}, "
                                   f"but the training split has {[c['id'] for c in categories]}")
         self.label_of = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
         self.transform = transform or detection_transforms(train=False)
-        self.masks, self.train, self.on_bad_annotation = masks, train, on_bad_annotation
-        self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.masks, self.train = masks, train
+        self.bad_samples = BadSamples(on_bad_sample)  # undecodable images: the project-wide policy
 
     @property
     def skipped(self) -> int:
-        return int(self._skipped.item())
+        return self.bad_samples.count
 
     def __len__(self) -> int:
         return len(self.records)
@@ -241,13 +239,8 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int):
         record = self.records[index]
-        try:
-            image = self._image(record)
-        except CorruptImageError as err:
-            if self.on_bad_annotation == "error":
-                raise
-            self._skipped += 1
-            warnings.warn(f"skipping {err} (on_bad_annotation=skip)", stacklevel=2)
+        image = self.bad_samples.read(self._image, record)
+        if image is None:
             return None
         anns = [a for a in record["anns"] if not (self.train and a["iscrowd"])]
         inputs = dict(image=image, bboxes=np.array([a["box"] for a in anns], dtype=np.float32).reshape(-1, 4),
@@ -290,7 +283,7 @@ class CocoDetectionDataModule(L.LightningDataModule):
         masks: decode instance masks (Mask R-CNN).
         scales, max_size: training short sides (one drawn per image) and the long-side cap.
         crop, hflip, jitter: probabilities / strength of the training augmentations.
-        on_bad_annotation: ``error`` or ``skip`` (see the module docstring); drop_empty: training images
+        on_bad_sample: ``error`` or ``skip`` (see the module docstring); drop_empty: training images
             without annotations are dropped. train_subset: train on the first N images.
     """
 
@@ -312,14 +305,14 @@ class CocoDetectionDataModule(L.LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
-        on_bad_annotation: str = "skip",
+        on_bad_sample: str = "error",
         drop_empty: bool = True,
         train_subset: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        if on_bad_annotation not in BAD_INPUT_POLICIES:
-            raise ValueError(f"on_bad_annotation={on_bad_annotation!r}; expected one of {BAD_INPUT_POLICIES}")
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample={on_bad_sample!r}; expected one of {BAD_SAMPLE_POLICIES}")
         self.root = Path(root).expanduser()
         self.num_classes = num_classes
         self.splits = dict(splits or {"train": "train2017", "val": "val2017", "test": "val2017"})
@@ -339,7 +332,7 @@ class CocoDetectionDataModule(L.LightningDataModule):
         image_dir, ann_file = self._paths(stage)
         transform = detection_transforms(train, hp.scales, hp.max_size, hp.crop, hp.hflip, hp.jitter)
         dataset = CocoDetection(image_dir, ann_file, transform, masks=hp.masks, train=train,
-                                on_bad_annotation=hp.on_bad_annotation, drop_empty=train and hp.drop_empty,
+                                on_bad_sample=hp.on_bad_sample, drop_empty=train and hp.drop_empty,
                                 categories=categories)
         if dataset.report:
             log.warning("%s: %s", ann_file, ", ".join(f"{n} {reason}" for reason, n in sorted(dataset.report.items())))
@@ -389,7 +382,7 @@ class CocoDetectionDataModule(L.LightningDataModule):
 
     @property
     def skipped(self) -> int:
-        """Images that failed to decode and were skipped (``on_bad_annotation=skip``), over all splits."""
+        """Images that failed to decode and were skipped (``on_bad_sample=skip``), over all splits."""
         sets = {id(s): s for s in (_base(self.train_set), self.val_set, self.test_set) if s is not None}
         return sum(s.skipped for s in sets.values())
 

@@ -24,7 +24,7 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .datasets import IMAGE_EXTENSIONS, CorruptImageError, seed_worker_transform
+from .datasets import IMAGE_EXTENSIONS, BadSampleError, BadSamples, CorruptImageError, seed_worker_transform
 from .scenes import CLASSES as FASHION_CLASSES
 from .scenes import make_fashion_scenes
 from .transforms import backbone_eval_config
@@ -64,7 +64,7 @@ SCENE_CLASSES = ("background", *FASHION_CLASSES)
 # fmt: on
 
 
-class SegmentationDataError(ValueError):
+class SegmentationDataError(BadSampleError, ValueError):
     """A sample that cannot be used as it is: the message names the file(s) and what is wrong."""
 
 
@@ -154,6 +154,7 @@ class SegmentationDataset(Dataset):
         in_chans: int = 3,
         reduce_zero_label: bool = False,
         ignore_index: int = IGNORE_INDEX,
+        bad_samples: BadSamples | None = None,
     ):
         if not 0 < num_classes < 255 or not 0 <= ignore_index <= 255 or ignore_index < num_classes:
             raise ValueError(
@@ -162,6 +163,7 @@ class SegmentationDataset(Dataset):
             )
         self.samples, self.num_classes, self.transform = samples, num_classes, transform
         self.in_chans, self.reduce_zero_label, self.ignore_index = in_chans, reduce_zero_label, ignore_index
+        self.bad_samples = bad_samples or BadSamples("error")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -172,8 +174,11 @@ class SegmentationDataset(Dataset):
             image_path, mask_path, self.num_classes, self.in_chans, self.reduce_zero_label, self.ignore_index
         )
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.load(index)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        sample = self.bad_samples.read(self.load, index)  # None: skipped under data.on_bad_sample=skip
+        if sample is None:
+            return None
+        image, mask = sample
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
@@ -183,7 +188,11 @@ class SegmentationDataset(Dataset):
 def collate_segmentation(batch: list[tuple[torch.Tensor, torch.Tensor]]):
     """``(images [B, C, H, W], masks [B, h, w], sizes [B, 4])``: images padded at the bottom/right with 0 and
     masks with the ignore index to the largest in the batch; ``sizes`` holds each sample's image and mask
-    ``(H, W, h, w)`` before padding (evaluation images are resized, their masks keep the original size)."""
+    ``(H, W, h, w)`` before padding (evaluation images are resized, their masks keep the original size).
+    Skipped samples (``None``) are left out; a batch with none left is ``None``, which Lightning skips."""
+    batch = [sample for sample in batch if sample is not None]
+    if not batch:
+        return None
     images, masks = zip(*batch)
     sizes = torch.tensor([[*i.shape[-2:], *m.shape[-2:]] for i, m in batch])
     if all(i.shape == images[0].shape for i in images) and all(m.shape == masks[0].shape for m in masks):
@@ -398,6 +407,8 @@ class SegmentationDataModule(L.LightningDataModule):
         mean, std: normalisation; default the backbone's pretrained_cfg (``backbone``) or ImageNet's.
         reduce_zero_label: label 0 is "unlabelled" (ADE20K): it is ignored and the other ids shift down.
         train_subset: train on the first N training pairs only.
+        on_bad_sample: ``error`` (default: a bad sample stops with its file named) or ``skip`` (dropped, counted
+            in :attr:`skipped`, logged as ``data/skipped``), the project-wide policy.
     """
 
     CLASS_NAMES: tuple[str, ...] = ()
@@ -426,10 +437,12 @@ class SegmentationDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         train_subset: int | None = None,
+        on_bad_sample: str = "error",
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()
+        self.bad_samples = BadSamples(on_bad_sample)
         self.num_classes, self.in_chans, self.ignore_index = num_classes, in_chans, ignore_index
         names = tuple(class_names or self.CLASS_NAMES)
         self.class_names = (
@@ -469,7 +482,13 @@ class SegmentationDataModule(L.LightningDataModule):
             self.in_chans,
             self.hparams.reduce_zero_label,
             self.ignore_index,
+            self.bad_samples,
         )
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped under ``on_bad_sample=skip`` so far, over all splits and workers."""
+        return self.bad_samples.count
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
