@@ -162,7 +162,8 @@ def test_clipping_crowd_empty_and_missing_images(scenes, tmp_path):
     assert any(r["id"] == 501 for r in evaluation.records)
     _, target = evaluation[0]
     assert target["iscrowd"].tolist().count(1) == 1
-    train = CocoDetection(image_dir, path, detection_transforms(True, (64,), 64), train=True, drop_empty=True)
+    train = CocoDetection(image_dir, path, detection_transforms(True, (64,), 64), train=True, drop_empty=True,
+                          on_bad_sample="skip")
     assert len(train[0][1]["labels"]) == len(target["labels"]) - 1
 
 

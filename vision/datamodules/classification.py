@@ -13,13 +13,12 @@ from .datasets import (
     ArrayDataset,
     BadSamples,
     ImageFolderDataset,
-    TransformedDataset,
     bad_sample_policy,
     collate_skip_none,
     read_idx,
     seed_worker_transform,
 )
-from .loaders import ResumableLoader, ResumableSampler
+from .loaders import resumable_train_loader
 from .transforms import backbone_eval_config, build_transforms
 
 
@@ -110,12 +109,8 @@ class ClassificationDataModule(L.LightningDataModule):
         )
         if not train:
             return DataLoader(dataset, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False, **common)
-        # the ranks' share of a (seed, epoch) permutation; Lightning's own split when distributed
-        ranks = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
-        sampler = ResumableSampler(dataset, seed=self.seed, **ranks,
-                                   sample_seeds=isinstance(dataset, TransformedDataset))
-        # drop_last: Mixup/CutMix need even, full batches
-        return ResumableLoader(dataset, sampler, batch_size=hp.batch_size, drop_last=True, **common)
+        # drop_last (in the helper): Mixup/CutMix need even, full batches
+        return resumable_train_loader(dataset, hp.batch_size, self.seed, self.trainer, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -86,3 +86,15 @@ class ResumableLoader(DataLoader):
                 "resuming with a different seed, process count or batch size than the checkpoint's "
                 f"({state}): the interrupted epoch's data order is not reproduced", stacklevel=2)
         self.sampler.resume(state["epoch"], state["batches"] * self.batch_size if same else 0)
+
+
+def resumable_train_loader(dataset: Dataset, batch_size: int, seed: int, trainer: Any = None,
+                           **kwargs: Any) -> ResumableLoader:
+    """Every task's training loader: this rank's share (Lightning's split when distributed) of a (seed, epoch)
+    permutation, full batches only, resumable mid-epoch. Datasets that take per-sample augmentation seeds
+    (:class:`~vision.datamodules.datasets.TransformedDataset`) get them, so their augmentations resume too."""
+    from .datasets import TransformedDataset
+
+    ranks = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+    sampler = ResumableSampler(dataset, seed=seed, **ranks, sample_seeds=isinstance(dataset, TransformedDataset))
+    return ResumableLoader(dataset, sampler, batch_size=batch_size, drop_last=True, **kwargs)

@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .datasets import IMAGE_EXTENSIONS, BadSampleError, BadSamples, CorruptImageError, seed_worker_transform
+from .loaders import resumable_train_loader
 from .scenes import CLASSES as FASHION_CLASSES
 from .scenes import make_fashion_scenes
 from .transforms import backbone_eval_config
@@ -509,17 +510,17 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            shuffle=train,
-            drop_last=train,  # UPerNet's pooled BatchNorm needs >= 2 samples; no ragged last batch
+        common = dict(
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
             worker_init_fn=seed_worker_transform,
             collate_fn=collate_segmentation,
         )
+        if train:  # a (seed, epoch) order that resumes mid-epoch; full batches only
+            return resumable_train_loader(dataset, hp.batch_size, torch.initial_seed() % 2**31, self.trainer,
+                                          **common)
+        return DataLoader(dataset, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
