@@ -184,8 +184,10 @@ def test_category_and_class_count_checks(scenes, fashion_root, tmp_path):
         scene_module(scenes, fashion_root, num_classes=3).setup()
     root = copy_scenes(scenes, tmp_path)
     edit(root, "val", lambda c: c["categories"].pop())
+    with pytest.raises(AnnotationError, match=r"instances_val.json: annotation id \d+ has category_id 10"):
+        scene_module(root, fashion_root).setup()  # on_bad_sample=error (default): the first unknown annotation
     with pytest.raises(AnnotationError, match="instances_val.json has category ids"):
-        scene_module(root, fashion_root).setup()
+        scene_module(root, fashion_root, on_bad_sample="skip").setup()  # then the category lists disagree
     with pytest.raises(ValueError, match="on_bad_sample='ignore'"):
         scene_module(scenes, fashion_root, on_bad_sample="ignore")
 
