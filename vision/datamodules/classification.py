@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from .datasets import (
     ArrayDataset,
@@ -16,13 +16,12 @@ from .datasets import (
     bad_sample_policy,
     collate_skip_none,
     read_idx,
-    seed_worker_transform,
 )
-from .loaders import resumable_train_loader
+from .loaders import SplitLoaders
 from .transforms import backbone_eval_config, build_transforms
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(SplitLoaders, L.LightningDataModule):
     """Shared loaders and transforms; subclasses build the train/val/test datasets.
 
     Preprocessing follows the backbone's timm ``pretrained_cfg`` (mean, std, crop_pct,
@@ -32,6 +31,12 @@ class ClassificationDataModule(L.LightningDataModule):
     (:class:`~vision.datamodules.loaders.ResumableLoader`); its order and augmentations are a function of
     (seed, epoch) on any number of processes and workers.
     """
+
+    collate_fn = staticmethod(collate_skip_none)  # drops bad samples skipped under on_bad_sample=skip
+
+    @property
+    def train_seed(self) -> int:
+        return self.seed  # set in setup, also seeds the main-process transform
 
     def __init__(
         self,
@@ -97,29 +102,6 @@ class ClassificationDataModule(L.LightningDataModule):
     def skipped(self) -> int:
         """Number of bad samples skipped so far (``on_bad_sample=skip``), over all splits."""
         return self.bad_samples.count
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        hp = self.hparams
-        common = dict(
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            worker_init_fn=seed_worker_transform,
-            collate_fn=collate_skip_none,
-        )
-        if not train:
-            return DataLoader(dataset, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False, **common)
-        # drop_last (in the helper): Mixup/CutMix need even, full batches
-        return resumable_train_loader(dataset, hp.batch_size, self.seed, self.trainer, **common)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
 
 
 def _base_dataset(dataset: Dataset) -> Dataset:

@@ -44,10 +44,10 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
-from .datasets import BAD_SAMPLE_POLICIES, BadSamples, CorruptImageError, seed_worker_transform
-from .loaders import resumable_train_loader
+from .datasets import BAD_SAMPLE_POLICIES, BadSamples, CorruptImageError
+from .loaders import SplitLoaders
 
 log = logging.getLogger("vision")
 
@@ -275,7 +275,7 @@ def collate_detection(batch):
 # ---- datamodules ------------------------------------------------------------------------------------
 
 
-class CocoDetectionDataModule(L.LightningDataModule):
+class CocoDetectionDataModule(SplitLoaders, L.LightningDataModule):
     """COCO instances under ``root``: ``image_dir``/``ann_file`` templates filled with each split's name.
 
     Args:
@@ -287,6 +287,8 @@ class CocoDetectionDataModule(L.LightningDataModule):
         on_bad_sample: ``error`` or ``skip`` (see the module docstring); drop_empty: training images
             without annotations are dropped. train_subset: train on the first N images.
     """
+
+    collate_fn = staticmethod(collate_detection)
 
     def __init__(
         self,
@@ -386,29 +388,6 @@ class CocoDetectionDataModule(L.LightningDataModule):
         """Images that failed to decode and were skipped (``on_bad_sample=skip``), over all splits."""
         sets = {id(s): s for s in (_base(self.train_set), self.val_set, self.test_set) if s is not None}
         return sum(s.skipped for s in sets.values())
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        hp = self.hparams
-        common = dict(
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            worker_init_fn=seed_worker_transform,
-            collate_fn=collate_detection,
-        )
-        if train:  # a (seed, epoch) order that resumes mid-epoch; full batches only
-            return resumable_train_loader(dataset, hp.batch_size, torch.initial_seed() % 2**31, self.trainer,
-                                          **common)
-        return DataLoader(dataset, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False, **common)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
 
 
 def _base(dataset):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from .datasets import sample_seed
+from .datasets import TransformedDataset, sample_seed, seed_worker_transform
 
 
 class ResumableSampler(DistributedSampler):
@@ -93,8 +94,41 @@ def resumable_train_loader(dataset: Dataset, batch_size: int, seed: int, trainer
     """Every task's training loader: this rank's share (Lightning's split when distributed) of a (seed, epoch)
     permutation, full batches only, resumable mid-epoch. Datasets that take per-sample augmentation seeds
     (:class:`~vision.datamodules.datasets.TransformedDataset`) get them, so their augmentations resume too."""
-    from .datasets import TransformedDataset
-
     ranks = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
     sampler = ResumableSampler(dataset, seed=seed, **ranks, sample_seeds=isinstance(dataset, TransformedDataset))
     return ResumableLoader(dataset, sampler, batch_size=batch_size, drop_last=True, **kwargs)
+
+
+class SplitLoaders:
+    """The loaders of a LightningDataModule whose ``setup`` builds ``train_set``, ``val_set`` and ``test_set``:
+    :func:`resumable_train_loader` for training, in-order loaders for evaluation, from the hyper-parameters
+    ``batch_size``, ``eval_batch_size``, ``num_workers``, ``pin_memory`` and ``persistent_workers``. A datamodule
+    sets :attr:`collate_fn`; one with its own loader class overrides :meth:`_loader`."""
+
+    collate_fn = staticmethod(default_collate)
+
+    @property
+    def train_seed(self) -> int:
+        return torch.initial_seed() % 2**31  # seed_everything's: the same on every rank
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        hp = self.hparams
+        common = dict(
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            worker_init_fn=seed_worker_transform,
+            collate_fn=self.collate_fn,
+        )
+        if train:
+            return resumable_train_loader(dataset, hp.batch_size, self.train_seed, self.trainer, **common)
+        return DataLoader(dataset, batch_size=hp.get("eval_batch_size") or hp.batch_size, shuffle=False, **common)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

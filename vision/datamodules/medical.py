@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .classification import ClassificationDataModule
-from .datasets import IMAGE_EXTENSIONS, ArrayDataset, seed_worker_transform
+from .datasets import IMAGE_EXTENSIONS, ArrayDataset
+from .loaders import SplitLoaders
 
 
 class InvalidCaseError(ValueError):
@@ -202,7 +203,7 @@ def volume_transforms(train: bool, in_channels: int, num_classes: int, patch_siz
     return T.Compose(ops)
 
 
-class DecathlonDataModule(L.LightningDataModule):
+class DecathlonDataModule(SplitLoaders, L.LightningDataModule):
     """3-D volumes in the Medical Segmentation Decathlon layout, through MONAI dictionary transforms.
 
     The labelled cases of ``dataset.json`` are split by patient into train/val/test (``split_seed``), so
@@ -283,15 +284,6 @@ class DecathlonDataModule(L.LightningDataModule):
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
         )
 
-    def train_dataloader(self):
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, train=False)
-
 
 # ---- 2-D image/mask folders (Kvasir-SEG, ISIC style) ----------------------------------------------
 
@@ -368,7 +360,7 @@ def mask_transforms(train: bool, patch_size: tuple[int, int], mean, std) -> A.Co
     return A.Compose(ops + [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])
 
 
-class MaskFolderDataModule(L.LightningDataModule):
+class MaskFolderDataModule(SplitLoaders, L.LightningDataModule):
     """2-D segmentation from ``root/images`` + ``root/masks`` (Kvasir-SEG, ISIC), split by case with a fixed
     seed into train/val/test. Images are resized (eval) or randomly cropped (train) to ``patch_size``.
 
@@ -427,22 +419,7 @@ class MaskFolderDataModule(L.LightningDataModule):
                              f"data.batch_size={hp.batch_size}")
         self.train_set.transform.set_random_seed(torch.initial_seed() % 2**32)
 
-    def _loader(self, dataset, train: bool) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(
-            dataset, batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size), shuffle=train,
-            drop_last=train, num_workers=hp.num_workers, pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0, worker_init_fn=seed_worker_transform,
-        )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
 
 
 # ---- MedMNIST ------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
-from .datasets import IMAGE_EXTENSIONS, BadSampleError, BadSamples, CorruptImageError, seed_worker_transform
-from .loaders import resumable_train_loader
+from .datasets import IMAGE_EXTENSIONS, BadSampleError, BadSamples, CorruptImageError
+from .loaders import SplitLoaders
 from .scenes import CLASSES as FASHION_CLASSES
 from .scenes import make_fashion_scenes
 from .transforms import backbone_eval_config
@@ -397,7 +397,7 @@ def pair_list(
 # ---- datamodules -----------------------------------------------------------------------------------------
 
 
-class SegmentationDataModule(L.LightningDataModule):
+class SegmentationDataModule(SplitLoaders, L.LightningDataModule):
     """Shared loaders and transforms; subclasses list the ``(image, mask)`` pairs of each split.
 
     Args:
@@ -411,6 +411,8 @@ class SegmentationDataModule(L.LightningDataModule):
         on_bad_sample: ``error`` (default: a bad sample stops with its file named) or ``skip`` (dropped, counted
             in :attr:`skipped`, logged as ``data/skipped``), the project-wide policy.
     """
+
+    collate_fn = staticmethod(collate_segmentation)
 
     CLASS_NAMES: tuple[str, ...] = ()
 
@@ -507,29 +509,6 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"{self.hparams.batch_size}; lower data.batch_size"
             )
         _base(self.train_set).transform.set_random_seed(torch.initial_seed() % 2**32)  # main-process loading
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        hp = self.hparams
-        common = dict(
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            worker_init_fn=seed_worker_transform,
-            collate_fn=collate_segmentation,
-        )
-        if train:  # a (seed, epoch) order that resumes mid-epoch; full batches only
-            return resumable_train_loader(dataset, hp.batch_size, torch.initial_seed() % 2**31, self.trainer,
-                                          **common)
-        return DataLoader(dataset, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False, **common)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
 
 
 def _base(dataset: Dataset) -> Dataset:
