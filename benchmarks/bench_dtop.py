@@ -20,37 +20,16 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vision.models.dtop import VARIANTS, class_presence, create_dtop  # noqa: E402
+from vision.zoo import gmacs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 UNPRUNED = 1.01  # above 1: no token exits
-
-
-@contextmanager
-def explicit_attention(model: torch.nn.Module):
-    """timm attention without SDPA (same numbers), so the FLOP counter sees the attention matmuls."""
-    mods = [m for m in model.modules() if getattr(m, "fused_attn", False)]
-    for m in mods:
-        m.fused_attn = False
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.fused_attn = True
-
-
-def gmacs(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """GMACs per image (half the FLOPs ``FlopCounterMode`` counts)."""
-    with torch.no_grad(), explicit_attention(model), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 2e9 / x.shape[0]
 
 
 def throughput(model: torch.nn.Module, x: torch.Tensor, threshold: float, repeats: int) -> tuple[float, float]:

@@ -25,14 +25,16 @@ from torch.utils.flop_counter import FlopCounterMode
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-def gmacs(model: torch.nn.Module, input_size: tuple[int, int, int], device: str = "cpu") -> float:
-    """GMACs of one image (half the multiply-adds + adds ``FlopCounterMode`` counts), as the model runs it.
+def gmacs(model: torch.nn.Module, inputs: tuple[int, int, int] | torch.Tensor, device: str = "cpu") -> float:
+    """GMACs per image (half the multiply-adds + adds ``FlopCounterMode`` counts), as the model runs it, on
+    ``inputs``: a batch, or the ``(C, H, W)`` size of one random image.
 
     Attention runs through SDPA's math backend while counting: the counter sees no FLOPs in the fused CPU
-    kernel, so BiFormer's and LITv2's attention would otherwise count as free."""
+    kernel, so BiFormer's, LITv2's and timm ViTs' attention would otherwise count as free."""
+    x = inputs if isinstance(inputs, torch.Tensor) else torch.randn(1, *inputs, device=device)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, *input_size, device=device))
-    return counter.get_total_flops() / 2e9
+        model(x)
+    return counter.get_total_flops() / 2e9 / x.shape[0]
 
 
 def measure(name: str, device: str, batch: int, repeats: int) -> dict:

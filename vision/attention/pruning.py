@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class ClassScoredAttention(nn.Module):
-    """Multi-head self-attention that also returns the class token's attention to the other tokens
-    ``[B, N - 1]`` (mean over heads). Names as timm's ``Attention`` (``qkv``, ``proj``)."""
+class _Attention(nn.Module):
+    """The parameters of timm's ``Attention`` (``qkv``, ``proj``), so DeiT checkpoints load by name."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0):
@@ -35,6 +34,11 @@ class ClassScoredAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+
+
+class ClassScoredAttention(_Attention):
+    """Multi-head self-attention that also returns the class token's attention to the other tokens
+    ``[B, N - 1]`` (mean over heads). Names as timm's ``Attention`` (``qkv``, ``proj``)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
@@ -70,20 +74,9 @@ def policy_softmax(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6
     return ((weights + eps / N) / (weights.sum(-1, keepdim=True) + eps)).type_as(logits)
 
 
-class PolicyAttention(nn.Module):
+class PolicyAttention(_Attention):
     """Multi-head self-attention whose softmax honours keep decisions (:func:`policy_softmax`) when given a
     ``policy [B, N, 1]``; a plain softmax otherwise. Names as timm's ``Attention`` (``qkv``, ``proj``)."""
-
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
