@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from _resume import assert_resumes_mid_epoch
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -329,3 +330,16 @@ def test_coco_experiments_train_a_step(compose_cfg, tmp_path, scenes, experiment
     assert cfg.model.detector in ("retinanet", "mask_rcnn")
     metrics, _ = train(cfg)
     assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/map"] <= 1
+
+
+def test_training_loader_resumes_mid_epoch_with_the_same_augmentations(scenes, fashion_root):
+    def loader():
+        dm = scene_module(scenes, fashion_root, batch_size=1)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    def flat(batch):
+        images, targets = batch
+        return torch.cat([*(im.flatten() for im in images), *(t["boxes"].flatten() for t in targets)])
+
+    assert_resumes_mid_epoch(loader, flat)

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _resume import assert_resumes_mid_epoch
 from PIL import Image
 
 from vision.datamodules.medical import (
@@ -16,6 +17,7 @@ from vision.datamodules.medical import (
     MaskFolderDataModule,
     MedMNISTDataModule,
     check_case,
+    load_case_transform,
     read_medmnist,
     split_cases,
     write_synthetic_decathlon,
@@ -131,6 +133,41 @@ def test_bad_volume_is_an_error_naming_the_case(decathlon, tmp_path, kind):
         datamodule(root, synthetic=None).setup()
 
 
+def test_bad_volumes_are_skipped_on_request(decathlon, tmp_path):
+    root = copy_task(decathlon, tmp_path / "task")
+    bad_values = _rewrite(root, 2, label=np.full((32, 32, 32), 7, np.uint8))
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / meta["training"][4]["image"]).write_bytes(b"not a NIfTI file")
+    unreadable = Path(meta["training"][4]["image"]).name.removesuffix(".nii.gz")
+    with pytest.raises(InvalidCaseError, match=f"case ({bad_values}: label values|{unreadable}: cannot read)"):
+        datamodule(root, synthetic=None).setup()  # the first bad case met stops
+    case = {**meta["training"][4], "case": unreadable}
+    case = {k: str(root / v) if k != "case" else v for k, v in case.items()}
+    with pytest.raises(InvalidCaseError, match=f"case {unreadable}: cannot read image .*{unreadable}.nii.gz"):
+        load_case_transform(1, 3)(case)
+    dm = datamodule(root, synthetic=None, on_bad_sample="skip")
+    with pytest.warns(UserWarning, match="skipping case") as warned:
+        dm.setup()
+    assert dm.skipped == 2 and len(warned) == 2
+    kept = {c["case"] for cases in dm.cases.values() for c in cases}
+    assert len(kept) == 4 and not kept & {bad_values, unreadable}
+    assert next(iter(dm.train_dataloader()))["image"].shape[0] == 4
+
+
+@pytest.mark.parametrize("kind", ["decathlon", "mask folder"])
+def test_training_loader_resumes_mid_epoch_with_the_same_patches(decathlon, masks2d, kind):
+    def loader():
+        if kind == "decathlon":
+            dm = datamodule(decathlon, batch_size=1)
+        else:
+            dm = MaskFolderDataModule(str(masks2d), patch_size=(32, 32), batch_size=2, num_workers=0,
+                                      val_fraction=0.2, test_fraction=0.2)
+        dm.setup()
+        return dm.train_dataloader()
+
+    assert_resumes_mid_epoch(loader, lambda batch: batch["image"])
+
+
 def test_missing_listed_file_names_the_case(decathlon, tmp_path):
     root = copy_task(decathlon, tmp_path / "task")
     meta = json.loads((root / "dataset.json").read_text())
@@ -184,6 +221,15 @@ def test_mask_folder_bad_inputs(masks2d, tmp_path):
     dm.setup()
     with pytest.raises(InvalidCaseError, match="case synthetic_003: mask .* values \\[9\\] outside"):
         dm.train_set[index]
+    good = (root / "images" / "synthetic_004.png").read_bytes()
+    (root / "images" / "synthetic_004.png").write_bytes(good[: len(good) // 2])
+    dm = MaskFolderDataModule(str(root), patch_size=(32, 32), batch_size=2, num_workers=0, val_fraction=0,
+                              test_fraction=0, on_bad_sample="skip")
+    dm.setup()
+    with pytest.warns(UserWarning, match="skipping"):
+        batches = list(dm._loader(dm.train_set, train=False))
+    seen = sum(len(batch["case"]) for batch in batches if batch is not None)  # None: a batch of bad cases only
+    assert dm.skipped == 1 and seen == len(dm.train_set) - 1
     (root / "masks" / "synthetic_005.png").unlink()
     with pytest.raises(FileNotFoundError, match="case synthetic_005: image .* has no mask"):
         MaskFolderDataModule(str(root), num_workers=0).setup()

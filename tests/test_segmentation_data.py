@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _resume import assert_resumes_mid_epoch
 from PIL import Image
 
 from vision.datamodules.segmentation import (
@@ -278,3 +279,15 @@ def test_fashion_scenes_datamodule(tmp_path, fashion_root):
     images, masks, sizes = next(iter(dm.val_dataloader()))
     assert images.shape == (2, 3, 64, 64) and sizes.tolist() == [[64, 64, 64, 64]] * 2
     assert (masks > 0).any() and masks.max() <= 10
+
+
+def test_training_loader_resumes_mid_epoch_with_the_same_crops(tmp_path, fashion_root):
+    def loader():
+        dm = FashionScenesSegmentationDataModule(
+            str(tmp_path / "scenes"), str(fashion_root), scene_splits={"train": 8, "val": 2}, canvas=64,
+            size=(20, 40), crop_size=(48, 48), scale=(64, 64), batch_size=2, num_workers=0,
+        )
+        dm.setup()
+        return dm.train_dataloader()
+
+    assert_resumes_mid_epoch(loader, lambda batch: torch.cat([batch[0].flatten(), batch[1].flatten().float()]))

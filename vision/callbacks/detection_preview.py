@@ -42,7 +42,7 @@ class DetectionPreview(L.Callback):
                 and trainer.current_epoch % self.every_n_epochs == 0)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.images is None and self._due(trainer):
+        if self.images is None and batch is not None and self._due(trainer):
             images, targets = batch
             self.images = [im.detach().cpu().clone() for im in images[: self.num_images]]
             self.targets = [{k: v.detach().cpu() for k, v in t.items()} for t in targets[: self.num_images]]

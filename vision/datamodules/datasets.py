@@ -107,6 +107,22 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
+def split_key(key) -> tuple[int, int | None]:
+    """``(index, augmentation seed or None)`` of a dataset key: a plain index, or the ``(index, seed)`` pair a
+    :class:`~vision.datamodules.loaders.ResumableSampler` yields to datasets whose ``sample_seeds`` is true."""
+    return key if isinstance(key, tuple) else (key, None)
+
+
+def reseed(transform, seed: int | None) -> None:
+    """Reseed an albumentations (``set_random_seed``) or MONAI (``set_random_state``) pipeline for one sample."""
+    if seed is None or transform is None:
+        return
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+    elif hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=seed)
+
+
 class TransformedDataset(Dataset):
     """Base for datasets that yield ``(transform(image=HWC uint8)["image"], label)``.
 
@@ -114,6 +130,8 @@ class TransformedDataset(Dataset):
     ``(index, seed)`` (:class:`~vision.datamodules.loaders.ResumableSampler` with ``sample_seeds``):
     the transform is then reseeded, so augmentations are a function of (seed, epoch, index).
     """
+
+    sample_seeds = True  # takes (index, seed) keys
 
     def __init__(self, transform=None, bad_samples: BadSamples | None = None):
         self.transform = transform
@@ -127,14 +145,13 @@ class TransformedDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, key):
-        index, seed = key if isinstance(key, tuple) else (key, None)
+        index, seed = split_key(key)
         sample = self.bad_samples.read(self.load, index)
         if sample is None:
             return None
         image, label = sample
         if self.transform is not None:
-            if seed is not None and hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(seed)
+            reseed(self.transform, seed)
             image = self.transform(image=image)["image"]
         return image, label
 

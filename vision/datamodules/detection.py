@@ -46,7 +46,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
-from .datasets import BAD_SAMPLE_POLICIES, BadSamples, CorruptImageError
+from .datasets import BAD_SAMPLE_POLICIES, BadSamples, CorruptImageError, reseed, split_key
 from .loaders import SplitLoaders
 
 log = logging.getLogger("vision")
@@ -207,6 +207,8 @@ class CocoDetection(Dataset):
     ``train`` drops crowd annotations from the targets; evaluation keeps them flagged in ``iscrowd``.
     """
 
+    sample_seeds = True  # takes (index, seed) keys: augmentations resume mid-epoch with the data order
+
     def __init__(self, image_dir: str | Path, ann_file: str | Path, transform: A.Compose | None = None,
                  masks: bool = False, train: bool = False, on_bad_sample: str = "error",
                  drop_empty: bool = False, categories: list[dict] | None = None):
@@ -238,7 +240,8 @@ class CocoDetection(Dataset):
                                     f"{self.ann_file} says {record['width']}x{record['height']}")
         return image
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, seed = split_key(key)  # (index, seed) from the resumable training loader
         record = self.records[index]
         image = self.bad_samples.read(self._image, record)
         if image is None:
@@ -249,6 +252,7 @@ class CocoDetection(Dataset):
                       iscrowd=[a["iscrowd"] for a in anns], index=list(range(len(anns))))
         if self.masks:
             inputs["masks"] = [decode_mask(a["segmentation"], record["height"], record["width"]) for a in anns]
+        reseed(self.transform, seed)
         out = self.transform(**inputs)
         target = {
             "boxes": torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)),

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from .datasets import TransformedDataset, sample_seed, seed_worker_transform
+from .datasets import sample_seed, seed_worker_transform
 
 
 class ResumableSampler(DistributedSampler):
@@ -23,8 +23,8 @@ class ResumableSampler(DistributedSampler):
 
     Being a ``DistributedSampler``, Lightning keeps it under DDP instead of injecting its own; with one
     process (``num_replicas=1``) it is a plain seeded shuffle. With ``sample_seeds`` it yields
-    ``(index, seed)`` pairs: :class:`~vision.datamodules.datasets.TransformedDataset` reseeds its transform
-    from them, so augmentations do not depend on workers, ranks or resumes.
+    ``(index, seed)`` pairs: datasets whose ``sample_seeds`` is true reseed their transform from them, so
+    augmentations do not depend on workers, ranks or resumes.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
@@ -93,9 +93,10 @@ def resumable_train_loader(dataset: Dataset, batch_size: int, seed: int, trainer
                            **kwargs: Any) -> ResumableLoader:
     """Every task's training loader: this rank's share (Lightning's split when distributed) of a (seed, epoch)
     permutation, full batches only, resumable mid-epoch. Datasets that take per-sample augmentation seeds
-    (:class:`~vision.datamodules.datasets.TransformedDataset`) get them, so their augmentations resume too."""
+    (``sample_seeds = True``; see :func:`~vision.datamodules.datasets.split_key`) get them, so their
+    augmentations resume too."""
     ranks = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
-    sampler = ResumableSampler(dataset, seed=seed, **ranks, sample_seeds=isinstance(dataset, TransformedDataset))
+    sampler = ResumableSampler(dataset, seed=seed, **ranks, sample_seeds=getattr(dataset, "sample_seeds", False))
     return ResumableLoader(dataset, sampler, batch_size=batch_size, drop_last=True, **kwargs)
 
 
@@ -106,6 +107,10 @@ class SplitLoaders:
     sets :attr:`collate_fn`; one with its own loader class overrides :meth:`_loader`."""
 
     collate_fn = staticmethod(default_collate)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.hparams.get("eval_batch_size") or self.hparams.batch_size
 
     @property
     def train_seed(self) -> int:
@@ -122,7 +127,7 @@ class SplitLoaders:
         )
         if train:
             return resumable_train_loader(dataset, hp.batch_size, self.train_seed, self.trainer, **common)
-        return DataLoader(dataset, batch_size=hp.get("eval_batch_size") or hp.batch_size, shuffle=False, **common)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

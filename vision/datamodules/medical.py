@@ -22,12 +22,22 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .classification import ClassificationDataModule
-from .datasets import IMAGE_EXTENSIONS, ArrayDataset
+from .datasets import (
+    IMAGE_EXTENSIONS,
+    ArrayDataset,
+    BadSampleError,
+    BadSamples,
+    collate_skip_none,
+    read_image,
+    reseed,
+    split_key,
+)
 from .loaders import SplitLoaders
 
 
-class InvalidCaseError(ValueError):
-    """A case (volume or image with its label) that cannot be used as it is; the message names it."""
+class InvalidCaseError(BadSampleError, ValueError):
+    """A case (volume or image with its label) that cannot be used as it is; the message names it. A bad
+    sample: ``data.on_bad_sample=skip`` drops the case instead (warned, counted)."""
 
 
 # ---- patient-level split ------------------------------------------------------------------------
@@ -139,20 +149,28 @@ def check_case(image: torch.Tensor, label: torch.Tensor, case: str, in_channels:
         )
 
 
-def _check_transform(in_channels: int, num_classes: int):
-    """A MONAI dictionary transform applying :func:`check_case` right after loading."""
-    from monai.transforms import MapTransform
+def load_case_transform(in_channels: int, num_classes: int):
+    """A MONAI dictionary transform that loads a case's image and label and applies :func:`check_case`; an
+    unreadable file is an :class:`InvalidCaseError` naming the case and both files."""
+    from monai.transforms import LoadImaged, MapTransform
 
-    class CheckCased(MapTransform):
+    class LoadCased(MapTransform):
         def __init__(self):
             super().__init__(["image", "label"])
+            self.load = LoadImaged(self.keys, image_only=True)
 
         def __call__(self, data):
+            try:
+                data = self.load(data)
+            except Exception as err:  # the readers (nibabel, ITK, PIL) raise different types
+                raise InvalidCaseError(
+                    f"case {data['case']}: cannot read image {data['image']} or label {data['label']}: {err}"
+                ) from err
             check_case(data["image"], data["label"], data["case"], in_channels, num_classes,
                        getattr(data["image"], "affine", None), getattr(data["label"], "affine", None))
             return data
 
-    return CheckCased()
+    return LoadCased()
 
 
 def _raise_case_error(err: BaseException) -> None:
@@ -177,8 +195,7 @@ def volume_transforms(train: bool, in_channels: int, num_classes: int, patch_siz
     from monai import transforms as T
 
     keys = ["image", "label"]
-    ops = [T.LoadImaged(keys, image_only=True), _check_transform(in_channels, num_classes),
-           T.EnsureChannelFirstd(keys), T.Orientationd(keys, axcodes="RAS", labels=None)]
+    ops = [load_case_transform(in_channels, num_classes), T.EnsureChannelFirstd(keys), T.Orientationd(keys, axcodes="RAS", labels=None)]
     if pixdim:
         ops.append(T.Spacingd(keys, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
     if intensity_range:
@@ -203,6 +220,31 @@ def volume_transforms(train: bool, in_channels: int, num_classes: int, patch_siz
     return T.Compose(ops)
 
 
+def collate_volumes(batch: list):
+    """MONAI's ``list_data_collate``: the patches a volume yields (``num_samples``) join the batch."""
+    from monai.data import list_data_collate
+
+    return list_data_collate(batch)
+
+
+class SeededVolumes(Dataset):
+    """A MONAI dataset taking ``(index, seed)`` keys: its random transforms are reseeded for each sample, so the
+    patches drawn depend on (seed, epoch, case) alone, not on workers or resumes."""
+
+    sample_seeds = True
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = split_key(key)
+        reseed(self.dataset.transform, seed)
+        return self.dataset[index]
+
+
 class DecathlonDataModule(SplitLoaders, L.LightningDataModule):
     """3-D volumes in the Medical Segmentation Decathlon layout, through MONAI dictionary transforms.
 
@@ -213,7 +255,14 @@ class DecathlonDataModule(SplitLoaders, L.LightningDataModule):
 
     ``synthetic`` (``{num_cases, size, num_classes, seed}``) first writes MONAI synthetic volumes into
     ``root`` (once; :func:`write_synthetic_decathlon`), the offline default.
+
+    ``on_bad_sample``: ``error`` (default: an unusable case stops setup with its name) or ``skip``: every case
+    is read and checked once at setup and the unusable ones are dropped (warned, counted in :attr:`skipped`).
+    Training patches are reseeded per (seed, epoch, case), so a run resumed mid-epoch draws the same patches.
     """
+
+    collate_fn = staticmethod(collate_volumes)
+    eval_batch_size = 1  # whole volumes, of different sizes
 
     def __init__(
         self,
@@ -237,6 +286,7 @@ class DecathlonDataModule(SplitLoaders, L.LightningDataModule):
         split_seed: int = 0,
         patient_pattern: str | None = None,
         synthetic: dict | None = None,
+        on_bad_sample: str = "error",
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -244,7 +294,13 @@ class DecathlonDataModule(SplitLoaders, L.LightningDataModule):
         self.num_classes, self.in_channels = num_classes, in_channels
         if len(patch_size) != 3:
             raise ValueError(f"data.patch_size={list(patch_size)}: expected three sizes for 3-D volumes")
+        self.bad_samples = BadSamples(on_bad_sample)
         self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def skipped(self) -> int:
+        """Cases dropped at setup under ``on_bad_sample=skip``."""
+        return self.bad_samples.count
 
     def prepare_data(self) -> None:
         if self.hparams.synthetic:
@@ -263,26 +319,20 @@ class DecathlonDataModule(SplitLoaders, L.LightningDataModule):
         self.prepare_data()  # idempotent; lets the datamodule be used without a Trainer
         hp = self.hparams
         cases = read_decathlon(self.root, hp.num_classes, hp.in_channels)
+        if self.bad_samples.policy == "skip":
+            load = load_case_transform(hp.in_channels, hp.num_classes)
+            cases = [case for case in cases if self.bad_samples.read(load, dict(case)) is not None]
         splits = split_cases(cases, hp.val_fraction, hp.test_fraction, hp.split_seed, hp.patient_pattern)
         self.cases = dict(zip(("train", "val", "test"), splits))
         try:
-            self.train_set, self.val_set, self.test_set = (
+            train_set, self.val_set, self.test_set = (
                 CacheDataset(split, self._transforms(train), cache_rate=hp.cache_rate,
                              num_workers=max(1, hp.num_workers), progress=False)
                 for split, train in zip(splits, (True, False, False))
             )
         except RuntimeError as err:
             _raise_case_error(err)
-
-    def _loader(self, dataset, train: bool):
-        from monai.data import DataLoader as MonaiLoader  # seeds MONAI's random transforms from torch's seed
-
-        hp = self.hparams
-        return MonaiLoader(
-            dataset, batch_size=hp.batch_size if train else 1, shuffle=train, num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-        )
+        self.train_set = SeededVolumes(train_set)
 
 
 # ---- 2-D image/mask folders (Kvasir-SEG, ISIC style) ----------------------------------------------
@@ -314,25 +364,38 @@ class MaskFolderDataset(Dataset):
     """Image/mask pairs read with PIL, checked, then augmented by an albumentations ``transform``.
 
     ``binary_masks``: masks are 0/255 drawings (values > 127 are foreground, JPEG noise tolerated);
-    otherwise mask values are class indices below ``num_classes``.
+    otherwise mask values are class indices below ``num_classes``. ``bad_samples`` applies the bad-sample
+    policy (a skipped case is ``None``); keys may be ``(index, seed)`` pairs, reseeding the augmentation.
     """
 
+    sample_seeds = True
+
     def __init__(self, cases: list[dict], transform: A.Compose, num_classes: int, in_channels: int = 3,
-                 binary_masks: bool = True):
+                 binary_masks: bool = True, bad_samples: BadSamples | None = None):
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels={in_channels}: images are read as grayscale (1) or RGB (3)")
         self.cases, self.transform, self.num_classes = cases, transform, num_classes
         self.mode, self.binary = ("L" if in_channels == 1 else "RGB"), binary_masks
+        self.bad_samples = bad_samples or BadSamples("error")
 
     def __len__(self) -> int:
         return len(self.cases)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key) -> dict | None:
+        index, seed = split_key(key)
+        sample = self.bad_samples.read(self.load, index)
+        if sample is None:
+            return None
+        image, mask = sample
+        reseed(self.transform, seed)
+        out = self.transform(image=image, mask=mask)
+        return {"image": out["image"], "label": out["mask"][None].long(), "case": self.cases[index]["case"]}
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The checked ``(image HxWxC uint8, mask HxW class ids)`` of a case."""
         case = self.cases[index]
-        with Image.open(case["image"]) as img:
-            image = np.asarray(img.convert(self.mode))
-        with Image.open(case["label"]) as msk:
-            mask = np.asarray(msk.convert("L"))
+        image = read_image(case["image"], self.mode)
+        mask = read_image(case["label"], "L")[..., 0]
         if image.shape[:2] != mask.shape:
             raise InvalidCaseError(
                 f"case {case['case']}: image {case['image']} is {image.shape[:2]} but mask {case['label']} is {mask.shape}"
@@ -345,8 +408,7 @@ class MaskFolderDataset(Dataset):
                 f"case {case['case']}: mask {case['label']} has values {bad[:10]} outside the classes "
                 f"0..{self.num_classes - 1} (data.num_classes={self.num_classes}; data.binary_masks=true for 0/255 masks)"
             )
-        out = self.transform(image=image[..., None] if image.ndim == 2 else image, mask=mask)
-        return {"image": out["image"], "label": out["mask"][None].long(), "case": case["case"]}
+        return image, mask
 
 
 def mask_transforms(train: bool, patch_size: tuple[int, int], mean, std) -> A.Compose:
@@ -366,7 +428,12 @@ class MaskFolderDataModule(SplitLoaders, L.LightningDataModule):
 
     ``synthetic`` (``{num_images, size, seed}``) first writes MONAI's synthetic 2-D images as PNG folders
     into ``root`` (:func:`write_synthetic_masks`), the offline default.
+
+    ``on_bad_sample``: ``error`` (default: an unreadable image, a mask of another size or with values outside
+    the classes stops with the case named) or ``skip`` (dropped from its batch, warned, counted in :attr:`skipped`).
     """
+
+    collate_fn = staticmethod(collate_skip_none)
 
     def __init__(
         self,
@@ -386,6 +453,7 @@ class MaskFolderDataModule(SplitLoaders, L.LightningDataModule):
         test_fraction: float = 0.1,
         split_seed: int = 0,
         synthetic: dict | None = None,
+        on_bad_sample: str = "error",
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -393,7 +461,13 @@ class MaskFolderDataModule(SplitLoaders, L.LightningDataModule):
         self.num_classes, self.in_channels = num_classes, in_channels
         if len(patch_size) != 2:
             raise ValueError(f"data.patch_size={list(patch_size)}: expected two sizes for 2-D images")
+        self.bad_samples = BadSamples(on_bad_sample)
         self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def skipped(self) -> int:
+        """Cases dropped so far under ``on_bad_sample=skip``, over all splits."""
+        return self.bad_samples.count
 
     def prepare_data(self) -> None:
         if self.hparams.synthetic:
@@ -411,7 +485,7 @@ class MaskFolderDataModule(SplitLoaders, L.LightningDataModule):
         self.cases = dict(zip(("train", "val", "test"), splits))
         self.train_set, self.val_set, self.test_set = (
             MaskFolderDataset(split, mask_transforms(train, hp.patch_size, mean, std), hp.num_classes,
-                              hp.in_channels, hp.binary_masks)
+                              hp.in_channels, hp.binary_masks, self.bad_samples)
             for split, train in zip(splits, (True, False, False))
         )
         if len(self.train_set) < hp.batch_size:

@@ -24,7 +24,7 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
-from .datasets import IMAGE_EXTENSIONS, BadSampleError, BadSamples, CorruptImageError
+from .datasets import IMAGE_EXTENSIONS, BadSampleError, BadSamples, CorruptImageError, reseed, split_key
 from .loaders import SplitLoaders
 from .scenes import CLASSES as FASHION_CLASSES
 from .scenes import make_fashion_scenes
@@ -147,6 +147,8 @@ def read_sample(
 class SegmentationDataset(Dataset):
     """``(image CHW float tensor, mask HW int64 tensor)`` for each ``(image path, mask path)`` pair."""
 
+    sample_seeds = True  # takes (index, seed) keys: augmentations resume mid-epoch with the data order
+
     def __init__(
         self,
         samples: list[tuple[Path, Path]],
@@ -175,12 +177,14 @@ class SegmentationDataset(Dataset):
             image_path, mask_path, self.num_classes, self.in_chans, self.reduce_zero_label, self.ignore_index
         )
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor] | None:
+        index, seed = split_key(key)
         sample = self.bad_samples.read(self.load, index)  # None: skipped under data.on_bad_sample=skip
         if sample is None:
             return None
         image, mask = sample
         if self.transform is not None:
+            reseed(self.transform, seed)
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return torch.as_tensor(image), torch.as_tensor(mask).long()

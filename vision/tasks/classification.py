@@ -162,6 +162,8 @@ class ClassificationModule(L.LightningModule):
     # ---- evaluation -----------------------------------------------------------------------------
 
     def _evaluate(self, batch, loss_metric, acc, acc5, prefix: str) -> torch.Tensor:
+        if batch is None:  # every sample of the batch skipped (data.on_bad_sample=skip)
+            return None
         images, targets = self._unpack(batch)
         logits = self.eval_model(images)
         loss_metric(F.cross_entropy(logits, targets))

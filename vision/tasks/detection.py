@@ -192,6 +192,8 @@ class DetectionModule(L.LightningModule):
     # ---- evaluation -----------------------------------------------------------------------------
 
     def _update(self, metric: MeanAveragePrecision, batch) -> list[dict]:
+        if batch is None:  # every sample of the batch skipped (data.on_bad_sample=skip)
+            return None
         images, targets = batch
         preds = self.detector(images)
         segm = "segm" in metric.iou_type

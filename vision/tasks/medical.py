@@ -232,6 +232,8 @@ class MedicalSegmentationModule(L.LightningModule):
     # ---- evaluation -----------------------------------------------------------------------------
 
     def _evaluate(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
+        if batch is None:  # every sample of the batch skipped (data.on_bad_sample=skip)
+            return None
         image, label = batch["image"], _plain(batch["label"])
         logits = self.predict(image)
         loss_metric = self.val_loss if split == "val" else self.test_loss

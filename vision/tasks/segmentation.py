@@ -375,6 +375,8 @@ class SegmentationModule(L.LightningModule):
 
     def _evaluate(self, batch, loss_metric, metrics: list) -> list[torch.Tensor]:
         """Predict at the (resized) image size, then score at each mask's original size."""
+        if batch is None:  # every sample of the batch skipped (data.on_bad_sample=skip)
+            return None
         images, masks, sizes = batch
         logits = self(self._images(images))
         if logits.shape[-2:] == masks.shape[-2:] and (sizes == torch.tensor([*masks.shape[-2:]] * 2)).all():
