@@ -127,6 +127,22 @@ def test_cityscapes_layout(tmp_path):
     assert sizes.tolist() == [[32, 64, 32, 64]] * 2 and (masks[:, :, :4] == 255).all()
 
 
+def test_cityscapes_raw_label_ids_map_to_train_ids(tmp_path):
+    root = tmp_path / "cityscapes"
+    raw = np.array([[7, 8, 26, 33], [0, 1, 6, 34]], dtype=np.uint8)  # road sidewalk car bicycle; void ids
+    for split in ("train", "val"):
+        for i in range(2):
+            write_pair(root / "leftImg8bit" / split / "bonn" / f"bonn_00000{i}_000019_leftImg8bit.png",
+                       root / "gtFine" / split / "bonn" / f"bonn_00000{i}_000019_gtFine_labelIds.png", raw)
+    dm = CityscapesDataModule(str(root), labels="labelIds", **SMALL)
+    dm.setup()
+    assert dm.val_set.samples[0][1].name.endswith("_gtFine_labelIds.png")
+    _, mask = dm.val_set[0]
+    assert mask.tolist() == [[0, 1, 13, 18], [255, 255, 255, 255]]
+    with pytest.raises(ValueError, match="data.labels='ids'"):
+        CityscapesDataModule(str(root), labels="ids", **SMALL)
+
+
 def test_generic_folder_and_test_split_fallback(tmp_path):
     for split in ("train", "val"):
         for i in range(2):

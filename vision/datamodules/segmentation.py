@@ -63,6 +63,11 @@ CITYSCAPES_CLASSES = (
 )
 SCENE_CLASSES = ("background", *FASHION_CLASSES)
 # fmt: on
+# Cityscapes label id -> train id (the dataset's labels table); every other id is ignored
+CITYSCAPES_TRAIN_IDS = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
+    28: 15, 31: 16, 32: 17, 33: 18,
+}
 
 
 class SegmentationDataError(BadSampleError, ValueError):
@@ -116,11 +121,14 @@ def read_sample(
     in_chans: int = 3,
     reduce_zero_label: bool = False,
     ignore_index: int = IGNORE_INDEX,
+    label_map: dict[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(image HxWxC uint8, mask HxW uint8)`` with every check on the pair.
 
-    ``reduce_zero_label`` (ADE20K): 0 ("other") becomes ``ignore_index`` and every other id moves down by
-    one. Afterwards each mask value must be a class id ``< num_classes`` or ``ignore_index``.
+    ``label_map`` (raw id -> class id; unlisted ids become ``ignore_index``) maps stored ids first, e.g.
+    Cityscapes' ``labelIds``. ``reduce_zero_label`` (ADE20K): 0 ("other") becomes ``ignore_index`` and every
+    other id moves down by one. Afterwards each mask value must be a class id ``< num_classes`` or
+    ``ignore_index``.
     """
     image = _read_image(image_path, in_chans)
     mask = _read_mask(mask_path)
@@ -129,6 +137,10 @@ def read_sample(
             f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but image {image_path} is "
             f"{image.shape[1]}x{image.shape[0]}; masks must have their image's size"
         )
+    if label_map is not None:
+        lookup = np.full(256, ignore_index, dtype=np.uint8)
+        lookup[list(label_map)] = list(label_map.values())
+        mask = lookup[mask]
     if reduce_zero_label:
         mask = np.where(mask == 0, ignore_index, mask - 1)
         mask[mask == ignore_index - 1] = ignore_index  # the ignore value itself stays ignored
@@ -158,6 +170,7 @@ class SegmentationDataset(Dataset):
         reduce_zero_label: bool = False,
         ignore_index: int = IGNORE_INDEX,
         bad_samples: BadSamples | None = None,
+        label_map: dict[int, int] | None = None,
     ):
         if not 0 < num_classes < 255 or not 0 <= ignore_index <= 255 or ignore_index < num_classes:
             raise ValueError(
@@ -167,6 +180,7 @@ class SegmentationDataset(Dataset):
         self.samples, self.num_classes, self.transform = samples, num_classes, transform
         self.in_chans, self.reduce_zero_label, self.ignore_index = in_chans, reduce_zero_label, ignore_index
         self.bad_samples = bad_samples or BadSamples("error")
+        self.label_map = label_map
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -174,7 +188,8 @@ class SegmentationDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self.samples[index]
         return read_sample(
-            image_path, mask_path, self.num_classes, self.in_chans, self.reduce_zero_label, self.ignore_index
+            image_path, mask_path, self.num_classes, self.in_chans, self.reduce_zero_label, self.ignore_index,
+            self.label_map,
         )
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -411,6 +426,7 @@ class SegmentationDataModule(SplitLoaders, L.LightningDataModule):
         eval_scale: evaluation images are rescaled to fit it; masks keep their original size. null: no resize.
         mean, std: normalisation; default the backbone's pretrained_cfg (``backbone``) or ImageNet's.
         reduce_zero_label: label 0 is "unlabelled" (ADE20K): it is ignored and the other ids shift down.
+        label_map: stored id -> class id, applied first; unlisted ids are ignored (Cityscapes ``labelIds``).
         train_subset: train on the first N training pairs only.
         on_bad_sample: ``error`` (default: a bad sample stops with its file named) or ``skip`` (dropped, counted
             in :attr:`skipped`, logged as ``data/skipped``), the project-wide policy.
@@ -434,6 +450,7 @@ class SegmentationDataModule(SplitLoaders, L.LightningDataModule):
         photometric: bool = True,
         eval_scale: tuple[int, int] | None = (2048, 512),
         reduce_zero_label: bool = False,
+        label_map: dict[int, int] | None = None,
         ignore_index: int = IGNORE_INDEX,
         backbone: str | None = None,
         mean: tuple[float, ...] | None = None,
@@ -490,6 +507,7 @@ class SegmentationDataModule(SplitLoaders, L.LightningDataModule):
             self.hparams.reduce_zero_label,
             self.ignore_index,
             self.bad_samples,
+            self.hparams.label_map,
         )
 
     @property
@@ -578,22 +596,28 @@ class ADE20KDataModule(SegmentationFolderDataModule):
 
 
 class CityscapesDataModule(SegmentationFolderDataModule):
-    """Cityscapes: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with ``gtFine/<split>/<city>/
-    *_gtFine_labelTrainIds.png`` (19 train ids, 255 ignored; made by cityscapesscripts'
-    createTrainIdLabelImgs).
+    """Cityscapes: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with ``gtFine/<split>/<city>/`` masks.
+    ``labels="trainIds"`` reads ``*_gtFine_labelTrainIds.png`` (19 train ids, 255 ignored; made by
+    cityscapesscripts' createTrainIdLabelImgs); ``labels="labelIds"`` reads the archive's own
+    ``*_gtFine_labelIds.png`` and maps them to the train ids on the fly (:data:`CITYSCAPES_TRAIN_IDS`).
     The val split is also the test split (test labels are not public)."""
 
     CLASS_NAMES = CITYSCAPES_CLASSES
+    MASK_SUFFIXES = {"trainIds": "_gtFine_labelTrainIds.png", "labelIds": "_gtFine_labelIds.png"}
 
-    def __init__(self, root: str, **kwargs):
+    def __init__(self, root: str, labels: str = "trainIds", **kwargs):
+        if labels not in self.MASK_SUFFIXES:
+            raise ValueError(f"data.labels={labels!r}: expected one of {list(self.MASK_SUFFIXES)}")
         kwargs.setdefault("num_classes", 19)
+        if labels == "labelIds":
+            kwargs["label_map"] = CITYSCAPES_TRAIN_IDS
         super().__init__(
             root,
             image_dir="leftImg8bit",
             mask_dir="gtFine",
             splits={"train": "train", "val": "val", "test": "val"},
             image_suffix="_leftImg8bit.png",
-            mask_suffix="_gtFine_labelTrainIds.png",
+            mask_suffix=self.MASK_SUFFIXES[labels],
             **kwargs,
         )
 
