@@ -63,3 +63,24 @@ def test_bad_arguments(tmp_path, fashion_root):
         make_fashion_scenes(tmp_path / "b", fashion_root, canvas=32, size=(28, 64))
     with pytest.raises(FileNotFoundError, match="Fashion-MNIST"):
         make_fashion_scenes(tmp_path / "c", tmp_path / "nowhere", splits={"val": 1})
+
+
+def test_overlap_limits_are_respected(fashion_root):
+    from vision.datamodules.datasets import read_idx
+    from vision.datamodules.scenes import _box_iou, render_scene
+
+    garments = read_idx(fashion_root / "train-images-idx3-ubyte.gz")[:500]
+    labels = read_idx(fashion_root / "train-labels-idx1-ubyte.gz")[:500]
+
+    def worst(max_box_iou, max_hidden):
+        rng, ious = np.random.default_rng(0), []
+        for _ in range(30):
+            _, semantic, instances = render_scene(garments, labels, rng, 64, (3, 4), (28, 36), max_box_iou, max_hidden)
+            assert all(((semantic == label + 1) | ~mask).all() for label, mask in instances)  # visible = labelled
+            boxes = [(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+                     for ys, xs in (np.nonzero(mask) for _, mask in instances)]
+            ious += [_box_iou(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]]
+        return max(ious)
+
+    # boxes placed without overlap stay apart (a visible box lies inside its placed box); the defaults overlap
+    assert worst(0.0, 0.0) == 0 < worst(0.5, 0.4)

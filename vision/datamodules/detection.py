@@ -406,14 +406,15 @@ class FashionScenesDetectionDataModule(CocoDetectionDataModule):
 
     def __init__(self, root: str, fashion_root: str, scene_splits: dict[str, int] | None = None,
                  canvas: int = 128, items: tuple[int, int] = (2, 5), size: tuple[int, int] = (28, 64),
-                 seed: int = 0, **kwargs):
+                 seed: int = 0, max_box_iou: float = 0.5, max_hidden: float = 0.4, **kwargs):
         kwargs.setdefault("num_classes", 10)
         kwargs.setdefault("splits", {"train": "train", "val": "val", "test": "test"})
         kwargs.setdefault("image_dir", "images/{split}")
         super().__init__(root, **kwargs)
         self.scene_args = dict(fashion_root=fashion_root, splits=dict(scene_splits or {"train": 2000, "val": 200,
                                                                                           "test": 200}),
-                               canvas=canvas, items=tuple(items), size=tuple(size), seed=seed)
+                               canvas=canvas, items=tuple(items), size=tuple(size), seed=seed,
+                               max_box_iou=max_box_iou, max_hidden=max_hidden)
 
     def prepare_data(self) -> None:
         from .scenes import make_fashion_scenes

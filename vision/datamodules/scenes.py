@@ -27,8 +27,6 @@ from .datasets import read_idx
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FOREGROUND = 32  # a garment pixel is one brighter than this in the resized 0-255 item
-MAX_COVERED = 0.4  # a new item may hide at most this fraction of an earlier item's visible pixels
-MAX_BOX_IOU = 0.5
 
 # Source garments per split: training scenes never reuse validation or test garments.
 _SOURCES = {"train": ("train", 0, 50_000), "val": ("train", 50_000, 60_000), "test": ("t10k", 0, 10_000)}
@@ -63,8 +61,12 @@ def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
 
 
 def render_scene(garments: np.ndarray, labels: np.ndarray, rng: np.random.Generator, canvas: int,
-                 items: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list]:
-    """One scene: ``(RGB image HxWx3 uint8, semantic mask HxW uint8, [(class, visible mask)])``."""
+                 items: tuple[int, int], size: tuple[int, int], max_box_iou: float = 0.5,
+                 max_hidden: float = 0.4) -> tuple[np.ndarray, np.ndarray, list]:
+    """One scene: ``(RGB image HxWx3 uint8, semantic mask HxW uint8, [(class, visible mask)])``.
+
+    An item is placed where its box overlaps every earlier box by at most ``max_box_iou`` (IoU) and it hides
+    at most ``max_hidden`` of any earlier item's visible pixels (20 tries, else the scene has fewer items)."""
     image = rng.normal(rng.uniform(10, 50), 8, (canvas, canvas, 1)).clip(0, 255) * np.ones(3)
     owner = np.full((canvas, canvas), -1, dtype=np.int64)  # which placed item each pixel shows
     placed: list[tuple[int, tuple[int, int, int, int], int]] = []  # (class, box, full area)
@@ -82,8 +84,8 @@ def render_scene(garments: np.ndarray, labels: np.ndarray, rng: np.random.Genera
             region = owner[y:y + side, x:x + side]
             hidden = np.bincount(region[item_mask & (region >= 0)], minlength=len(placed))
             visible = np.bincount(owner[owner >= 0], minlength=len(placed))
-            if all(_box_iou(box, b) <= MAX_BOX_IOU for _, b, _ in placed) and \
-                    all(hidden[i] <= MAX_COVERED * visible[i] for i in range(len(placed))):
+            if all(_box_iou(box, b) <= max_box_iou for _, b, _ in placed) and \
+                    all(hidden[i] <= max_hidden * visible[i] for i in range(len(placed))):
                 break
         else:
             continue  # no free spot: leave the scene with fewer items
@@ -120,6 +122,8 @@ def make_fashion_scenes(
     items: tuple[int, int] = (2, 5),
     size: tuple[int, int] = (28, 64),
     seed: int = 0,
+    max_box_iou: float = 0.5,
+    max_hidden: float = 0.4,
 ) -> Path:
     """Write (or reuse) the scene set under ``root``; returns ``root``.
 
@@ -128,6 +132,7 @@ def make_fashion_scenes(
         fashion_root: folder with Fashion-MNIST's idx files (``data/fashion-mnist``).
         splits: number of scenes per split, default ``{"train": 2000, "val": 200, "test": 200}``.
         canvas: scene side in pixels. items: min/max garments per scene. size: min/max garment side.
+        max_box_iou, max_hidden: how much items may overlap (see :func:`render_scene`).
         seed: the scenes depend only on this and the arguments above.
     """
     root, fashion_root = Path(root), Path(fashion_root)
@@ -140,6 +145,8 @@ def make_fashion_scenes(
                          f"canvas={canvas}, size={size}, items={items}")
     params = {"version": 1, "splits": splits, "canvas": canvas, "items": list(items), "size": list(size),
               "seed": seed}
+    if (max_box_iou, max_hidden) != (0.5, 0.4):  # the defaults keep the caches written before these options
+        params.update(max_box_iou=max_box_iou, max_hidden=max_hidden)
     marker = root / "scenes.json"
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return root
@@ -165,7 +172,8 @@ def make_fashion_scenes(
             (tmp / "masks" / split).mkdir(parents=True)
             images, annotations = [], []
             for image_id in range(1, count + 1):
-                image, semantic, instances = render_scene(garments, labels, rng, canvas, items, size)
+                image, semantic, instances = render_scene(garments, labels, rng, canvas, items, size, max_box_iou,
+                                                          max_hidden)
                 name = f"{image_id:06d}.png"
                 Image.fromarray(image).save(tmp / "images" / split / name)
                 Image.fromarray(semantic).save(tmp / "masks" / split / name)

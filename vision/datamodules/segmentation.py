@@ -666,6 +666,8 @@ class FashionScenesSegmentationDataModule(SegmentationFolderDataModule):
         items: tuple[int, int] = (2, 5),
         size: tuple[int, int] = (28, 64),
         seed: int = 0,
+        max_box_iou: float = 0.5,
+        max_hidden: float = 0.4,
         **kwargs,
     ):
         kwargs.setdefault("num_classes", len(SCENE_CLASSES))
@@ -682,6 +684,8 @@ class FashionScenesSegmentationDataModule(SegmentationFolderDataModule):
             items=tuple(items),
             size=tuple(size),
             seed=seed,
+            max_box_iou=max_box_iou,
+            max_hidden=max_hidden,
         )
 
     def prepare_data(self) -> None:
