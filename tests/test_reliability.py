@@ -27,7 +27,12 @@ from vision.datamodules import (
 )
 from vision.tasks import ClassificationModule
 from vision.utils import train
-from vision.utils.checkpoint import AtomicCheckpointIO, UnsafeCheckpointError, load_checkpoint_file
+from vision.utils.checkpoint import (
+    AtomicCheckpointIO,
+    UnsafeCheckpointError,
+    load_checkpoint_file,
+    resolve_ckpt_path,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.backbone.kwargs.channels=[8,8,8,8]", "data.image_size=16", "data.num_workers=0",
@@ -54,8 +59,9 @@ class SignalAtStep(Callback):
 signal_module = signal
 
 
-def run_train(run_dir: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "PROJECT_ROOT": str(ROOT)}
+def run_train(run_dir: Path, *overrides: str, launcher: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "PROJECT_ROOT": str(ROOT), **(env or {})}
     cmd = [sys.executable, *launcher, "train.py", *overrides, f"hydra.run.dir={run_dir}", "extras.print_config=false"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -98,6 +104,28 @@ def test_preempted_then_killed_run_resumes_to_the_uninterrupted_result(compose_c
     full_weights = full["model"].state_dict()
     for key, value in resumed["model"].state_dict().items():
         torch.testing.assert_close(value, full_weights[key], rtol=0, atol=0, msg=key)
+
+
+def test_slurm_sigusr1_saves_an_hpc_checkpoint_and_requeues_the_job(tmp_path):
+    """Lightning's SLURMEnvironment plugin (added by the pipeline when SLURM is detected): SIGUSR1 saves
+    hpc_ckpt_1.ckpt and calls ``scontrol requeue <job>`` (a stand-in on PATH records the call); SLURM's later
+    kill is SIGKILL here, and ``ckpt_path=last`` of the requeued job picks the hpc checkpoint."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    run = tmp_path / "run"
+    overrides = [*TINY, "data.train_subset=64", "data.batch_size=8", "trainer.max_epochs=1",
+                 "trainer.limit_val_batches=1", *fault(6, "SIGUSR1"),
+                 "+callbacks.kill._target_=test_reliability.SignalAtStep", "+callbacks.kill.step=7"]
+    killed = run_train(run, *overrides, env=slurm)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert load_checkpoint_file(run / "hpc_ckpt_1.ckpt")["global_step"] == 6
+    assert resolve_ckpt_path("last", run) == str(run / "hpc_ckpt_1.ckpt")
 
 
 def test_sigterm_saves_last_checkpoint_and_exits_cleanly(compose_cfg, tmp_path):
