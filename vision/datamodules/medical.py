@@ -195,7 +195,8 @@ def volume_transforms(train: bool, in_channels: int, num_classes: int, patch_siz
     from monai import transforms as T
 
     keys = ["image", "label"]
-    ops = [load_case_transform(in_channels, num_classes), T.EnsureChannelFirstd(keys), T.Orientationd(keys, axcodes="RAS", labels=None)]
+    ops = [load_case_transform(in_channels, num_classes), T.EnsureChannelFirstd(keys),
+           T.Orientationd(keys, axcodes="RAS", labels=None)]
     if pixdim:
         ops.append(T.Spacingd(keys, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
     if intensity_range:
