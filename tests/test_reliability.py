@@ -319,6 +319,21 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(compose
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
 
 
+def test_fsdp_config_builds_a_full_shard_strategy_with_full_checkpoints(compose_cfg):
+    """Lightning runs FSDP on GPUs only, so CPU CI checks the configuration: the strategy it builds shards
+    parameters, gradients and optimizer state, and gathers checkpoints into one file (loadable without FSDP)."""
+    import hydra
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import ShardingStrategy
+
+    cfg = compose_cfg("train", ["trainer=fsdp", "trainer.num_nodes=2"])
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
+    assert strategy._state_dict_type == "full"
+    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.trainer.num_nodes) == ("gpu", "bf16-mixed", 2)
+    assert cfg.trainer.use_distributed_sampler
+
+
 @pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "model.compile=true"])
 def test_bf16_and_compile_train_through_the_pipeline(compose_cfg, override):
     torch._dynamo.reset()  # graphs compiled for other tests' models in this process must not be reused
