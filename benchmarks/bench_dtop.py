@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vision.models.dtop import VARIANTS, class_presence, create_dtop  # noqa: E402
-from vision.zoo import gmacs  # noqa: E402
+from vision.zoo import gmacs, write_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 UNPRUNED = 1.01  # above 1: no token exits
@@ -117,10 +117,7 @@ def main(argv=None) -> int:
         "| threshold | exits | GMACs | GMACs unpruned | ratio | img/s | img/s unpruned | speed-up |",
         "|---|---|---|---|---|---|---|---|", *rows, "",
     ])
-    out = args.out or RESULTS / f"dtop_{args.device}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written {out}")
+    write_report(text, args.out or RESULTS / f"dtop_{args.device}.md")
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vision  # noqa: E402
-from vision.zoo import gmacs  # noqa: E402
+from vision.zoo import gmacs, write_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ["evit_deit_tiny", "evit_deit_small", "evit_deit_base", "dynamicvit_deit_small", "dynamicvit_deit_base"]
@@ -77,10 +77,7 @@ def main(argv=None) -> int:
         "| model | keep rate | GMACs | GMACs unpruned | ratio | img/s | img/s unpruned | speed-up |",
         "|---|---|---|---|---|---|---|---|", *rows, "",
     ])
-    out = args.out or RESULTS / f"pruning_{device}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written {out}")
+    write_report(text, args.out or RESULTS / f"pruning_{device}.md")
     return 0
 
 

@@ -37,6 +37,13 @@ def gmacs(model: torch.nn.Module, inputs: tuple[int, int, int] | torch.Tensor, d
     return counter.get_total_flops() / 2e9 / x.shape[0]
 
 
+def write_report(text: str, out: Path) -> None:
+    """Write a benchmark's markdown table (creating its folder) and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written {out}")
+
+
 def measure(name: str, device: str, batch: int, repeats: int) -> dict:
     """One model's row (run in a fresh process by :func:`main`)."""
     import vision
@@ -124,10 +131,7 @@ def main(argv=None) -> int:
         f"| model | params | GMACs | res | infer img/s | train img/s | {memory} |",
         "|---|---|---|---|---|---|---|", *rows, "",
     ])
-    out = args.out or RESULTS / f"zoo_{'cuda' if cuda else 'cpu'}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written {out}")
+    write_report(text, args.out or RESULTS / f"zoo_{'cuda' if cuda else 'cpu'}.md")
     return 0
 
 
