@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from .datasets import (
     ArrayDataset,
@@ -16,6 +16,7 @@ from .datasets import (
     bad_sample_policy,
     collate_skip_none,
     read_idx,
+    unwrap_subset,
 )
 from .loaders import SplitLoaders
 from .transforms import backbone_eval_config, build_transforms
@@ -96,18 +97,7 @@ class ClassificationDataModule(SplitLoaders, L.LightningDataModule):
 
     @property
     def train_transform(self):
-        return _base_dataset(self.train_set).transform
-
-    @property
-    def skipped(self) -> int:
-        """Number of bad samples skipped so far (``on_bad_sample=skip``), over all splits."""
-        return self.bad_samples.count
-
-
-def _base_dataset(dataset: Dataset) -> Dataset:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
+        return unwrap_subset(self.train_set).transform
 
 
 class ImageFolderDataModule(ClassificationDataModule):

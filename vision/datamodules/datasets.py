@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, default_collate, get_worker_info
+from torch.utils.data import Dataset, Subset, default_collate, get_worker_info
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 BAD_SAMPLE_POLICIES = ("error", "skip")
@@ -105,6 +105,13 @@ def check_boxes(boxes: np.ndarray, path: str | Path, allow_empty: bool = False) 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of one sample in one epoch: the same on any rank, worker count or resume."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def unwrap_subset(dataset: Dataset) -> Dataset:
+    """The dataset under any ``Subset`` wrappers (``train_subset``)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def split_key(key) -> tuple[int, int | None]:

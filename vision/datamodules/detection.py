@@ -46,7 +46,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
-from .datasets import BAD_SAMPLE_POLICIES, BadSamples, CorruptImageError, reseed, split_key
+from .datasets import BAD_SAMPLE_POLICIES, BadSamples, CorruptImageError, reseed, split_key, unwrap_subset
 from .loaders import SplitLoaders
 
 log = logging.getLogger("vision")
@@ -390,14 +390,8 @@ class CocoDetectionDataModule(SplitLoaders, L.LightningDataModule):
     @property
     def skipped(self) -> int:
         """Images that failed to decode and were skipped (``on_bad_sample=skip``), over all splits."""
-        sets = {id(s): s for s in (_base(self.train_set), self.val_set, self.test_set) if s is not None}
+        sets = {id(s): s for s in (unwrap_subset(self.train_set), self.val_set, self.test_set) if s is not None}
         return sum(s.skipped for s in sets.values())
-
-
-def _base(dataset):
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
 
 
 class FashionScenesDetectionDataModule(CocoDetectionDataModule):

@@ -104,9 +104,15 @@ class SplitLoaders:
     """The loaders of a LightningDataModule whose ``setup`` builds ``train_set``, ``val_set`` and ``test_set``:
     :func:`resumable_train_loader` for training, in-order loaders for evaluation, from the hyper-parameters
     ``batch_size``, ``eval_batch_size``, ``num_workers``, ``pin_memory`` and ``persistent_workers``. A datamodule
-    sets :attr:`collate_fn`; one with its own loader class overrides :meth:`_loader`."""
+    sets :attr:`collate_fn`; one with its own loader class overrides :meth:`_loader`. One that keeps a shared
+    :class:`~vision.datamodules.datasets.BadSamples` as ``bad_samples`` reports its count as :attr:`skipped`."""
 
     collate_fn = staticmethod(default_collate)
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples dropped so far under ``on_bad_sample=skip``, over all splits and workers."""
+        return self.bad_samples.count
 
     @property
     def eval_batch_size(self) -> int:

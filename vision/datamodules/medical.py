@@ -298,11 +298,6 @@ class DecathlonDataModule(SplitLoaders, L.LightningDataModule):
         self.bad_samples = BadSamples(on_bad_sample)
         self.train_set = self.val_set = self.test_set = None
 
-    @property
-    def skipped(self) -> int:
-        """Cases dropped at setup under ``on_bad_sample=skip``."""
-        return self.bad_samples.count
-
     def prepare_data(self) -> None:
         if self.hparams.synthetic:
             write_synthetic_decathlon(self.root, **self.hparams.synthetic)
@@ -464,11 +459,6 @@ class MaskFolderDataModule(SplitLoaders, L.LightningDataModule):
             raise ValueError(f"data.patch_size={list(patch_size)}: expected two sizes for 2-D images")
         self.bad_samples = BadSamples(on_bad_sample)
         self.train_set = self.val_set = self.test_set = None
-
-    @property
-    def skipped(self) -> int:
-        """Cases dropped so far under ``on_bad_sample=skip``, over all splits."""
-        return self.bad_samples.count
 
     def prepare_data(self) -> None:
         if self.hparams.synthetic:

@@ -24,7 +24,15 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
-from .datasets import IMAGE_EXTENSIONS, BadSampleError, BadSamples, CorruptImageError, reseed, split_key
+from .datasets import (
+    IMAGE_EXTENSIONS,
+    BadSampleError,
+    BadSamples,
+    CorruptImageError,
+    reseed,
+    split_key,
+    unwrap_subset,
+)
 from .loaders import SplitLoaders
 from .scenes import CLASSES as FASHION_CLASSES
 from .scenes import make_fashion_scenes
@@ -114,6 +122,13 @@ def _read_mask(path: Path) -> np.ndarray:
     return np.asarray(mask, dtype=np.int64)
 
 
+def label_lookup(label_map: dict[int, int], ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """A 256-entry table mapping stored mask ids to class ids (``label_map``); unlisted ids -> ``ignore_index``."""
+    lookup = np.full(256, ignore_index, dtype=np.uint8)
+    lookup[list(label_map)] = list(label_map.values())
+    return lookup
+
+
 def read_sample(
     image_path: Path,
     mask_path: Path,
@@ -121,12 +136,11 @@ def read_sample(
     in_chans: int = 3,
     reduce_zero_label: bool = False,
     ignore_index: int = IGNORE_INDEX,
-    label_map: dict[int, int] | None = None,
+    lookup: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(image HxWxC uint8, mask HxW uint8)`` with every check on the pair.
 
-    ``label_map`` (raw id -> class id; unlisted ids become ``ignore_index``) maps stored ids first, e.g.
-    Cityscapes' ``labelIds``. ``reduce_zero_label`` (ADE20K): 0 ("other") becomes ``ignore_index`` and every
+    ``lookup`` (:func:`label_lookup`) maps stored ids to class ids first, e.g. Cityscapes' ``labelIds``. ``reduce_zero_label`` (ADE20K): 0 ("other") becomes ``ignore_index`` and every
     other id moves down by one. Afterwards each mask value must be a class id ``< num_classes`` or
     ``ignore_index``.
     """
@@ -137,9 +151,7 @@ def read_sample(
             f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but image {image_path} is "
             f"{image.shape[1]}x{image.shape[0]}; masks must have their image's size"
         )
-    if label_map is not None:
-        lookup = np.full(256, ignore_index, dtype=np.uint8)
-        lookup[list(label_map)] = list(label_map.values())
+    if lookup is not None:
         mask = lookup[mask]
     if reduce_zero_label:
         mask = np.where(mask == 0, ignore_index, mask - 1)
@@ -180,7 +192,7 @@ class SegmentationDataset(Dataset):
         self.samples, self.num_classes, self.transform = samples, num_classes, transform
         self.in_chans, self.reduce_zero_label, self.ignore_index = in_chans, reduce_zero_label, ignore_index
         self.bad_samples = bad_samples or BadSamples("error")
-        self.label_map = label_map
+        self.lookup = None if label_map is None else label_lookup(label_map, ignore_index)  # built once
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -189,7 +201,7 @@ class SegmentationDataset(Dataset):
         image_path, mask_path = self.samples[index]
         return read_sample(
             image_path, mask_path, self.num_classes, self.in_chans, self.reduce_zero_label, self.ignore_index,
-            self.label_map,
+            self.lookup,
         )
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -510,11 +522,6 @@ class SegmentationDataModule(SplitLoaders, L.LightningDataModule):
             self.hparams.label_map,
         )
 
-    @property
-    def skipped(self) -> int:
-        """Samples skipped under ``on_bad_sample=skip`` so far, over all splits and workers."""
-        return self.bad_samples.count
-
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -530,13 +537,7 @@ class SegmentationDataModule(SplitLoaders, L.LightningDataModule):
                 f"the training split has {len(self.train_set)} images, fewer than data.batch_size="
                 f"{self.hparams.batch_size}; lower data.batch_size"
             )
-        _base(self.train_set).transform.set_random_seed(torch.initial_seed() % 2**32)  # main-process loading
-
-
-def _base(dataset: Dataset) -> Dataset:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
+        unwrap_subset(self.train_set).transform.set_random_seed(torch.initial_seed() % 2**32)  # main-process loading
 
 
 class SegmentationFolderDataModule(SegmentationDataModule):
