@@ -155,15 +155,24 @@ def _mask_bias(plans: tuple, dtype: torch.dtype, device: torch.device) -> torch.
     return bias.reshape(G, T, R).to(device)
 
 
-def _rpb_bias(rpb: torch.Tensor, plans: tuple) -> torch.Tensor:
-    """``[heads, G, T^n, R^n]`` relative position bias of a tiling (differentiable in ``rpb``)."""
+@functools.lru_cache(maxsize=128)
+def _rpb_index(plans: tuple, kernel: tuple, device: torch.device) -> torch.Tensor:
+    """``[G·T^n·R^n]`` flat index into the ``[heads, prod(2k-1)]`` bias table of a tiling."""
     n = len(plans)
-    index = [_place(p[2].to(rpb.device), i, n) for i, p in enumerate(plans)]
-    bias = rpb[(slice(None), *index)]
-    return bias.reshape(rpb.shape[0], *_mask_bias(plans, rpb.dtype, rpb.device).shape)
+    flat = functools.reduce(torch.add, [_place(p[2], i, n) * math.prod(2 * x - 1 for x in kernel[i + 1:])
+                                        for i, p in enumerate(plans)])
+    return flat.flatten().to(device)
 
 
-def _attend_tiles(q, k, v, kernel, stride, dilation, causal, scale, rpb, extra_k, extra_v, dropout_p, tiles=None):
+def _rpb_bias(rpb: torch.Tensor, plans: tuple, shape) -> torch.Tensor:
+    """``[heads, G, T^n, R^n]`` relative position bias of a tiling (differentiable in ``rpb``): a gather from
+    the flattened table, whose backward is one ``index_add`` (fast on CPU, unlike n-D advanced indexing's)."""
+    kernel = tuple((x + 1) // 2 for x in rpb.shape[1:])
+    return rpb.flatten(1).index_select(1, _rpb_index(plans, kernel, rpb.device)).view(rpb.shape[0], *shape)
+
+
+def _attend_tiles(q, k, v, kernel, stride, dilation, causal, scale, rpb, extra_k, extra_v, dropout_p, need_lse=True,
+                  tiles=None):
     """The torch backend: ``(out [B, *spatial, heads, Dv], lse [B, *spatial, heads])``."""
     B, *size, heads, D = q.shape
     n, Dv = len(size), v.shape[-1]
@@ -189,15 +198,16 @@ def _attend_tiles(q, k, v, kernel, stride, dilation, causal, scale, rpb, extra_k
 
     kr, vr = rects(k), rects(v)
     logits = qp @ kr.transpose(-1, -2)  # [B, heads, G, T^n, R^n]
-    bias = _mask_bias(plans, logits.dtype, logits.device) if rpb is None else _rpb_bias(rpb.to(logits.dtype), plans) \
-        + _mask_bias(plans, logits.dtype, logits.device)
+    bias = _mask_bias(plans, logits.dtype, logits.device)
+    if rpb is not None:
+        bias = _rpb_bias(rpb.to(logits.dtype), plans, bias.shape) + bias
     logits = logits + bias
     R = logits.shape[-1]
     if extra_k is not None:
         xk = extra_k.permute(0, 2, 3, 1)[:, :, None]  # [B, heads, 1, D, M]
         logits = torch.cat([logits, qp @ xk], -1)
-    lse = torch.logsumexp(logits, -1, keepdim=True)
-    attn = (logits - lse).exp()
+    lse = torch.logsumexp(logits, -1, keepdim=True) if need_lse else None
+    attn = logits.softmax(-1)  # one fused pass: ~2x faster on CPU than exp(logits - lse)
     if dropout_p:
         attn = F.dropout(attn, dropout_p)
     out = attn[..., :R] @ vr if extra_k is not None else attn @ vr
@@ -206,12 +216,13 @@ def _attend_tiles(q, k, v, kernel, stride, dilation, causal, scale, rpb, extra_k
 
     # back to [B, *spatial, heads, Dv]
     out = out.view(B, heads, *[y for p, d in zip(plans, dilation) for y in (p[4], d)], *tiles, Dv)
-    lse = lse.view(B, heads, *[y for p, d in zip(plans, dilation) for y in (p[4], d)], *tiles)
     perm = [0, *[x for i in range(n) for x in (2 + 2 * i, 2 + 2 * n + i, 3 + 2 * i)], 1]
     out = out.permute(*perm, 3 * n + 2).reshape(B, *padded, heads, Dv)
-    lse = lse.permute(perm).reshape(B, *padded, heads)
     crop = (slice(None), *[slice(0, x) for x in size])
-    return out[crop], lse[crop]
+    if need_lse:
+        lse = lse.view(B, heads, *[y for p, d in zip(plans, dilation) for y in (p[4], d)], *tiles)
+        lse = lse.permute(perm).reshape(B, *padded, heads)[crop]
+    return out[crop], lse
 
 
 def neighborhood_attention(
@@ -292,7 +303,7 @@ def neighborhood_attention(
         return _checks.triton_windowed.windowed_attention(q, k, v, rpb, kernel, dilation, (0, 0), False, scale)
 
     out, lse = _attend_tiles(q, k, v, kernel, stride, dilation, causal, scale, rpb, additional_keys,
-                             additional_values, dropout_p)
+                             additional_values, dropout_p, return_lse)
     return (out, lse.float()) if return_lse else out
 
 
