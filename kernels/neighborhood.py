@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._checks import pair
 
 __all__ = [
     "fit_dilation",
@@ -42,19 +41,21 @@ __all__ = [
 ]
 
 
-def neighborhood_indices(length: int, kernel_size: int, dilation: int = 1, device=None) -> torch.Tensor:
-    """``[length, kernel_size]`` key positions of every query position along one axis (stride 1, non-causal).
+def neighborhood_indices(length: int, kernel_size: int, dilation: int = 1, device=None, *, stride: int = 1) -> torch.Tensor:
+    """``[length, kernel_size]`` key positions of every query position along one axis (non-causal).
 
-    Query ``i`` lives in dilation group ``g = i % d`` at group position ``i // d``; its window starts
-    at ``clamp(i // d - k // 2, 0, L_g - k)`` in the group (``L_g`` the group's length), so windows
-    shift inward at borders. Even ``k`` puts ``k/2`` keys before the query and ``k/2 - 1`` after.
+    Query ``i`` lives in dilation group ``g = i % d`` at group position ``p = i // d``; its stride group's
+    leader ``min(⌊p/s⌋·s + s//2, L_g - 1)`` centres the window, which starts at
+    ``clamp(leader - k // 2, 0, L_g - k)`` in the group (``L_g`` the group's length), so windows shift inward
+    at borders. Even ``k`` puts ``k/2`` keys before the centre and ``k/2 - 1`` after.
     """
     if kernel_size * dilation > length:
         raise ValueError(f"kernel_size * dilation = {kernel_size}*{dilation} exceeds the axis length {length}")
     i = torch.arange(length, device=device)
     group, pos = i % dilation, i // dilation
     group_len = (length - group + dilation - 1) // dilation
-    start = torch.minimum((pos - kernel_size // 2).clamp(min=0), group_len - kernel_size)
+    leader = torch.minimum(pos // stride * stride + stride // 2, group_len - 1)
+    start = torch.minimum((leader - kernel_size // 2).clamp(min=0), group_len - kernel_size)
     return (start[:, None] + torch.arange(kernel_size, device=device)) * dilation + group[:, None]
 
 

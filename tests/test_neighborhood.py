@@ -166,3 +166,35 @@ def test_rank_wrappers_and_validation():
                                additional_values=torch.zeros(1, 2, 3, 8))
     with pytest.raises(ValueError, match="backend='triton' covers 2-D"):
         neighborhood_attention(q3, k3, v3, 3, backend="triton")
+
+
+@pytest.mark.parametrize("rank,size,kw", [
+    (1, (13,), dict(kernel_size=5, stride=2, dilation=2, is_causal=True)),
+    (3, (5, 7, 6), dict(kernel_size=(3, 3, 2), stride=(1, 3, 2), dilation=(1, 2, 1), is_causal=(True, False, False))),
+])
+def test_modules_match_natten_modules(rank, size, kw):
+    import natten
+
+    from vision.attention import NeighborhoodAttention1D, NeighborhoodAttention3D
+
+    ours = {1: NeighborhoodAttention1D, 3: NeighborhoodAttention3D}[rank](32, 4, rel_pos_bias=False, **kw).eval()
+    theirs = getattr(natten, f"NeighborhoodAttention{rank}D")(32, 4, **kw).eval()
+    theirs.load_state_dict(ours.state_dict())  # same parameter names: qkv, proj
+    x = torch.randn(2, *size, 32)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_pads_small_inputs_and_learns_its_bias():
+    from vision.attention import NeighborhoodAttention3D
+
+    layer = NeighborhoodAttention3D(16, 2, kernel_size=3, dilation=(1, 2, 1))
+    assert tuple(layer.rpb.shape) == (2, 5, 5, 5)
+    x = torch.randn(1, 2, 7, 4, 16, requires_grad=True)  # axis 0 shorter than k, axis 1 than k*d: padded
+    out = layer(x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert layer.rpb.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"expects \[B, 3 spatial axes, C\]"):
+        layer(torch.randn(1, 7, 7, 16))
