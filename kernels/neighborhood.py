@@ -96,11 +96,12 @@ def _per_axis(value, n: int, name: str, kind=int) -> tuple:
     return value
 
 
-def _default_tile(length: int, k: int, s: int, d: int) -> int:
-    """Queries per tile along an axis: about ``k`` (measured best on CPU, ``benchmarks/bench_neighborhood.py``),
-    a multiple of the stride so that stride groups never straddle tiles, at most the group length."""
-    group_len = -(-length // d)
-    return min(s * max(1, round(k / s)), group_len)
+def _default_tile(length: int, k: int, s: int, d: int, rank: int) -> int:
+    """Queries per tile along an axis: about ``k``, at least enough for ~50 queries per tile (small matmuls
+    run far below peak on CPU: 7 for 2-D, 4 for 3-D measured best, ``benchmarks/bench_neighborhood.py``), a
+    multiple of the stride so that stride groups never straddle tiles, at most the group length."""
+    want = max(k, {1: 16, 2: 7, 3: 4}[rank])
+    return min(s * max(1, round(want / s)), -(-length // d))
 
 
 @functools.lru_cache(maxsize=512)
@@ -177,7 +178,7 @@ def _attend_tiles(q, k, v, kernel, stride, dilation, causal, scale, rpb, extra_k
     """The torch backend: ``(out [B, *spatial, heads, Dv], lse [B, *spatial, heads])``."""
     B, *size, heads, D = q.shape
     n, Dv = len(size), v.shape[-1]
-    tiles = tiles or tuple(_default_tile(*a) for a in zip(size, kernel, stride, dilation))
+    tiles = tiles or tuple(_default_tile(*a, n) for a in zip(size, kernel, stride, dilation))
     plans = tuple(_axis_plan(*a) for a in zip(size, kernel, stride, dilation, causal, tiles))
 
     # queries: pad every axis to tiles*tile*d, then [B, heads, G, T^n, D]
