@@ -11,9 +11,9 @@ from vision.tasks.segmentation import (
     SegmentationModule,
     create_segmentation_model,
     per_class_iou,
-    poly_warmup,
     slide_inference,
 )
+from vision.tasks.schedules import poly_warmup
 
 TINY = dict(name="resnet18", kwargs=dict(channels=[8, 16, 32, 64]))
 # steps called directly, outside a Trainer, log into nothing

@@ -8,7 +8,6 @@ already weighted scalar losses, e.g. DynamicViT's ratio loss; a backbone without
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -23,14 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..models import create_model
 from .distillation import Distillation
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup from ~0 to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+from .schedules import per_step, training_steps, warmup_cosine  # noqa: F401  (warmup_cosine re-exported)
 
 
 class ClassificationModule(L.LightningModule):
@@ -195,10 +187,6 @@ class ClassificationModule(L.LightningModule):
         )
         for group in optimizer.param_groups:  # timm leaves layer decay as lr_scale, which only its schedulers apply
             group["lr"] = hp.lr * group.get("lr_scale", 1.0)
-        total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        total, steps_per_epoch = training_steps(self.trainer)
         warmup = min(int(hp.warmup_epochs * steps_per_epoch), total // 2)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return per_step(optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr))

@@ -9,7 +9,6 @@ backbone's strides so that any pyramid fits.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any
 
@@ -27,6 +26,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..models import create_model
+from .schedules import per_step, training_steps, warmup_schedule  # noqa: F401  (warmup_schedule re-exported)
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
 TWO_STAGE = ("faster_rcnn", "mask_rcnn")
@@ -100,18 +100,6 @@ def build_detector(kind: str, backbone: dict, num_classes: int, fpn_channels: in
     detector.transform = TrainTimeNoResize(t.min_size, t.max_size, list(mean), list(std),
                                            size_divisible=t.size_divisible)
     return detector
-
-
-def warmup_schedule(step: int, total: int, warmup: int, schedule: str, milestones: list[int], gamma: float,
-                    min_ratio: float) -> float:
-    """LR multiplier: linear warmup from 0.001 to 1, then step decay (by ``gamma`` at each milestone step)
-    or cosine to ``min_ratio``."""
-    if step < warmup:
-        return 0.001 + (1 - 0.001) * step / warmup
-    if schedule == "step":
-        return gamma ** sum(step >= m for m in milestones)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class DetectionModule(L.LightningModule):
@@ -252,15 +240,13 @@ class DetectionModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas))
-        total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        total, steps_per_epoch = training_steps(self.trainer)
         warmup = min(hp.warmup_steps, total // 2)
         milestones = [int(m * steps_per_epoch) for m in hp.milestones]
         min_ratio = hp.min_lr / hp.lr
-        schedule = torch.optim.lr_scheduler.LambdaLR(
+        return per_step(
             optimizer, lambda step: warmup_schedule(step, total, warmup, hp.schedule, milestones, hp.gamma, min_ratio)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def _metric_pred(pred: dict, segm: bool) -> dict:

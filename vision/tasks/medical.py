@@ -23,7 +23,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torchmetrics import CatMetric, MaxMetric, MeanMetric
 
-from .classification import warmup_cosine
+from .schedules import per_step, training_steps, warmup_cosine
 
 NETWORKS = ("smp", "unet", "swin_unetr")
 
@@ -283,10 +283,6 @@ class MedicalSegmentationModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = create_optimizer_v2(self.net, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        total, steps_per_epoch = training_steps(self.trainer)
         warmup = min(int(hp.warmup_epochs * steps_per_epoch), total // 2)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return per_step(optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr))

@@ -28,7 +28,8 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from ..datamodules.segmentation import IGNORE_INDEX
+from ..datamodules.classes import IGNORE_INDEX
+from .schedules import per_step, poly_warmup, training_steps  # noqa: F401  (poly_warmup re-exported)
 
 
 def _smp_encoder_decoder(head: str, backbone: dict, in_chans: int, decoder_channels: int):
@@ -239,17 +240,6 @@ def slide_inference(
     return logits / counts
 
 
-def poly_warmup(
-    step: int, total_steps: int, warmup_steps: int, warmup_ratio: float, power: float, min_ratio: float
-) -> float:
-    """LR multiplier: linear from ``warmup_ratio`` to 1 over ``warmup_steps``, then polynomial decay
-    ``(1 - t)^power`` to ``min_ratio`` (mmseg's LinearLR + PolyLR)."""
-    if step < warmup_steps:
-        return warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * (1 - progress) ** power
-
-
 class SegmentationModule(L.LightningModule):
     """Semantic segmentation: backbone by name, UPerNet / Semantic-FPN head, optional auxiliary head.
 
@@ -445,13 +435,11 @@ class SegmentationModule(L.LightningModule):
         optimizer = create_optimizer_v2(
             self.net, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)
         )
-        total = int(self.trainer.estimated_stepping_batches)
+        total, _ = training_steps(self.trainer)
         warmup = min(hp.warmup_steps, total // 2)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: poly_warmup(step, total, warmup, hp.warmup_ratio, hp.poly_power, hp.min_lr / hp.lr),
+        return per_step(
+            optimizer, lambda step: poly_warmup(step, total, warmup, hp.warmup_ratio, hp.poly_power, hp.min_lr / hp.lr)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def per_class_iou(confmat: torch.Tensor) -> torch.Tensor:
