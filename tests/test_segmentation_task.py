@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from vision.tasks.schedules import poly_warmup
 from vision.tasks.segmentation import (
     SegmentationModule,
     create_segmentation_model,
     per_class_iou,
     slide_inference,
 )
-from vision.tasks.schedules import poly_warmup
 
 TINY = dict(name="resnet18", kwargs=dict(channels=[8, 16, 32, 64]))
 # steps called directly, outside a Trainer, log into nothing
