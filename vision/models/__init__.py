@@ -8,6 +8,9 @@ battery (tests/test_models.py) finds it through :func:`list_models`.
 import pkgutil
 
 import timm
+from torch import nn
+
+from ..weights import load_state_dict
 
 # Family modules: importing them registers their variants with timm.
 # (one line per family, keep alphabetical)
@@ -21,22 +24,33 @@ def list_models(pattern: str = "*") -> list[str]:
     return timm.list_models(pattern, module=list(_FAMILIES)) if _FAMILIES else []
 
 
-def create_model(name: str, pretrained_file: str | None = None, **kwargs):
+def pretrained_overlay(pretrained_file: str, num_classes: int | None = None) -> dict:
+    """timm's ``pretrained_cfg_overlay`` that loads ``pretrained_file`` as a state dict read by
+    :func:`vision.weights.load_state_dict` (``weights_only=True``), so timm never opens the file itself."""
+    overlay = dict(state_dict=load_state_dict(pretrained_file))
+    if num_classes is not None:  # keep the checkpoint's head only when sizes agree
+        overlay["num_classes"] = num_classes
+    return overlay
+
+
+def forget_state_dict(model: nn.Module) -> nn.Module:
+    """Drop the loaded state dict that timm keeps in every (sub)model's ``pretrained_cfg``."""
+    for module in model.modules():
+        cfg = getattr(module, "pretrained_cfg", None)
+        if isinstance(cfg, dict):
+            cfg.pop("state_dict", None)
+    return model
+
+
+def create_model(name: str, pretrained_file: str | None = None, **kwargs) -> nn.Module:
     """``timm.create_model`` with this package's registry loaded.
 
-    ``pretrained_file`` loads a local checkpoint through the family's
-    ``checkpoint_filter_fn`` (official key names are remapped); nothing is
-    downloaded, and only tensors and plain containers are read (``weights_only``).
-    Hydra configs target this function rather than ``timm.create_model`` so the
-    registry is always imported first.
+    ``pretrained_file`` loads a local checkpoint through the family's ``checkpoint_filter_fn`` (official key
+    names are remapped; timm adapts the head and the input channels); nothing is downloaded, and only tensors
+    and plain containers are read (:func:`vision.weights.load_state_dict`, ``weights_only=True``).
+    Hydra configs target this function rather than ``timm.create_model`` so the registry is always imported.
     """
-    if pretrained_file:
-        from ..utils.checkpoint import load_checkpoint_file
-
-        load_checkpoint_file(pretrained_file)  # weights_only=True: a file that needs pickled code is refused
-        overlay = dict(file=str(pretrained_file))
-        if "num_classes" in kwargs:  # keep the checkpoint's head only when sizes agree
-            overlay["num_classes"] = kwargs["num_classes"]
-        kwargs.setdefault("pretrained_cfg_overlay", overlay)
-        return timm.create_model(name, pretrained=True, **kwargs)
-    return timm.create_model(name, pretrained=False, **kwargs)
+    if not pretrained_file:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    overlay = {**pretrained_overlay(pretrained_file, kwargs.get("num_classes")), **kwargs.pop("pretrained_cfg_overlay", {})}
+    return forget_state_dict(timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs))
