@@ -24,12 +24,24 @@ def list_models(pattern: str = "*") -> list[str]:
     return timm.list_models(pattern, module=list(_FAMILIES)) if _FAMILIES else []
 
 
-def pretrained_overlay(pretrained_file: str, num_classes: int | None = None) -> dict:
+def pretrained_overlay(pretrained_file: str, name: str | None = None, num_classes: int | None = None) -> dict:
     """timm's ``pretrained_cfg_overlay`` that loads ``pretrained_file`` as a state dict read by
-    :func:`vision.weights.load_state_dict` (``weights_only=True``), so timm never opens the file itself."""
-    overlay = dict(state_dict=load_state_dict(pretrained_file))
-    if num_classes is not None:  # keep the checkpoint's head only when sizes agree
+    :func:`vision.weights.load_state_dict` (``weights_only=True``), so timm never opens the file itself.
+
+    With ``num_classes``, the overlay states the checkpoint's own head size (read under the model's
+    ``pretrained_cfg.classifier`` names), so timm keeps the head when it matches and drops it otherwise
+    (fine-tuning an ImageNet checkpoint on 10 classes, or ``num_classes=0``)."""
+    state_dict = load_state_dict(pretrained_file)
+    overlay = dict(state_dict=state_dict)
+    if num_classes is not None:
         overlay["num_classes"] = num_classes
+        cfg = timm.get_pretrained_cfg(name) if name else None
+        classifiers = getattr(cfg, "classifier", None) or ()
+        for classifier in [classifiers] if isinstance(classifiers, str) else classifiers:
+            weight = state_dict.get(f"{classifier}.weight")
+            if weight is not None:
+                overlay["num_classes"] = weight.shape[0]
+                break
     return overlay
 
 
@@ -52,5 +64,6 @@ def create_model(name: str, pretrained_file: str | None = None, **kwargs) -> nn.
     """
     if not pretrained_file:
         return timm.create_model(name, pretrained=False, **kwargs)
-    overlay = {**pretrained_overlay(pretrained_file, kwargs.get("num_classes")), **kwargs.pop("pretrained_cfg_overlay", {})}
+    overlay = {**pretrained_overlay(pretrained_file, name, kwargs.get("num_classes")),
+               **kwargs.pop("pretrained_cfg_overlay", {})}
     return forget_state_dict(timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs))

@@ -20,7 +20,7 @@ from timm.utils import ModelEmaV3
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..models import create_model
+from ..backbone import BackboneSpec
 from .distillation import Distillation
 from .schedules import per_step, training_steps, warmup_cosine  # noqa: F401  (warmup_cosine re-exported)
 
@@ -29,7 +29,8 @@ class ClassificationModule(L.LightningModule):
     """Backbone by name (``timm.create_model``), AdamW (timm factory), per-step warmup + cosine.
 
     Args:
-        backbone: ``{name, drop_path_rate, pretrained_file, kwargs}`` (a ``configs/model`` entry).
+        backbone: a :class:`~vision.backbone.BackboneSpec` or a ``configs/model`` entry
+            (``{name, drop_path_rate, pretrained_file, kwargs}``).
         num_classes, in_chans: the dataset's.
         lr, min_lr, weight_decay, betas, layer_decay: AdamW; norms, biases and the backbone's
             ``no_weight_decay()`` names get no weight decay (timm's optimizer factory).
@@ -45,7 +46,7 @@ class ClassificationModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: dict,
+        backbone: BackboneSpec | dict,
         num_classes: int,
         in_chans: int = 3,
         lr: float = 1e-3,
@@ -63,14 +64,9 @@ class ClassificationModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.model = create_model(
-            backbone["name"],
-            pretrained_file=backbone.get("pretrained_file"),
-            num_classes=num_classes,
-            in_chans=in_chans,
-            drop_path_rate=backbone.get("drop_path_rate", 0.0),
-            **(backbone.get("kwargs") or {}),
-        )
+        spec = BackboneSpec.parse(backbone)
+        self.hparams.backbone = spec.to_dict()  # plain containers in checkpoints
+        self.model = spec.create(num_classes=num_classes, in_chans=in_chans)
         self.mixup = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes) if mixup else None
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
         self.distill = Distillation(**distill) if distill else None
