@@ -1,10 +1,12 @@
 """timm-registered backbone families, one file per family.
 
-Each family module registers its variants with ``@register_model`` on import.
-A new family is one file here plus one import line below; the shared test
-battery (tests/test_models.py) finds it through :func:`list_models`.
+Each family module registers its variants with ``@register_model`` on import, and every module here whose
+name does not start with ``_`` is a family: this package imports them all, so a new family file is
+registered (and in the shared test battery, tests/test_models.py) by existing. Shared building blocks live
+in ``_``-prefixed modules (``_pyramid``, ``_vit``).
 """
 
+import importlib
 import pkgutil
 
 import timm
@@ -12,16 +14,15 @@ from torch import nn
 
 from ..weights import load_state_dict
 
-# Family modules: importing them registers their variants with timm.
-# (one line per family, keep alphabetical)
-from . import agent_deit, agent_pvt, agent_swin, biformer, dynamicvit, evit, l2vit, litv2, nat, vsa_swin  # noqa: F401
-
-_FAMILIES = tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+FAMILIES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+for _family in FAMILIES:
+    importlib.import_module(f"{__name__}.{_family}")  # registers the family's variants with timm
+_FAMILIES = FAMILIES  # the former name
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Names of the models this package registers (not timm's own), sorted."""
-    return timm.list_models(pattern, module=list(_FAMILIES)) if _FAMILIES else []
+    return timm.list_models(pattern, module=list(FAMILIES)) if FAMILIES else []
 
 
 def pretrained_overlay(pretrained_file: str, name: str | None = None, num_classes: int | None = None) -> dict:
