@@ -12,6 +12,7 @@ import timm
 # Family modules: importing them registers their variants with timm.
 # (one line per family, keep alphabetical)
 from . import agent_deit, agent_pvt, agent_swin, biformer, dynamicvit, evit, l2vit, litv2, nat, vsa_swin  # noqa: F401
+from . import _trace  # noqa: F401,E402  (FX leaves; after the families it names)
 
 _FAMILIES = tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
