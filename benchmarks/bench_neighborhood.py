@@ -48,11 +48,14 @@ def rows_for(size, heads, batch, k, repeats, tiles):
                                                                                        backend="torch")
     methods["blocked (stride = k)"] = lambda q, kk, v: neighborhood.neighborhood_attention(q, kk, v, k, stride=k,
                                                                                           backend="torch")
+    def tiled(t):
+        return lambda q, kk, v: neighborhood._attend_tiles(q, kk, v, (k,) * n, (1,) * n, (1,) * n, (False,) * n,
+                                                           32**-0.5, rpb, None, None, 0.0, False, (t,) * n)[0]
+
     for t in tiles:
-        methods[f"neighborhood, tile {t}"] = (lambda t: lambda q, kk, v: neighborhood._attend_tiles(
-            q, kk, v, (k,) * n, (1,) * n, (1,) * n, (False,) * n, 32**-0.5, rpb, None, None, 0.0, False, (t,) * n)[0])(t)
+        methods[f"neighborhood, tile {t}"] = tiled(t)
     times = {name: [] for name in methods}
-    for name, fn in methods.items():  # warm-up (tables, allocator)
+    for fn in methods.values():  # warm-up (tables, allocator)
         fwd_bwd(fn, tensors)
     for _ in range(repeats):  # interleaved, so load changes hit every method alike
         for name, fn in methods.items():

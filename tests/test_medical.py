@@ -11,18 +11,11 @@ import torch
 from _resume import assert_resumes_mid_epoch
 from PIL import Image
 
-from vision.datamodules.medical import (
-    DecathlonDataModule,
-    InvalidCaseError,
-    MaskFolderDataModule,
-    MedMNISTDataModule,
-    check_case,
-    load_case_transform,
-    read_medmnist,
-    split_cases,
-    write_synthetic_decathlon,
-    write_synthetic_masks,
-)
+from vision.datamodules.classification import MedMNISTDataModule
+from vision.datamodules.medical import DecathlonDataModule, MaskFolderDataModule
+from vision.datamodules.readers import InvalidCaseError, check_case, read_medmnist, split_cases
+from vision.datamodules.synthetic import write_synthetic_decathlon, write_synthetic_masks
+from vision.datamodules.transforms import load_case_transform
 from vision.tasks.medical import (
     MedicalSegmentationModule,
     SliceWise,
