@@ -455,7 +455,8 @@ def launch_config(shape, dtype, kernel, dilation=(1, 1), shift=(0, 0), blocked=F
                   CHUNK_ROWS=block_n // rw, PY=py, PX=px, PH=py + rh, PW=px + rw,
                   BLOCK_M=block_m, BLOCK_D=block_d, BLOCKED=blocked, HAS_RPB=has_rpb,
                   PRECISION="ieee" if dtype == torch.float32 else "tf32")
-    meta = dict(common, BLOCK_N=block_n, num_warps=2 if block_m == 16 and D <= 32 else 4,
+    warps = 2 if block_m == 16 and D <= 32 else 8 if block_m == 32 and block_d == 64 else 4  # no spills
+    meta = dict(common, BLOCK_N=block_n, num_warps=warps,
                 num_stages=1)  # loads are gathers: no pipelining stages
     return (programs,), (tiles_y, tiles_x), {"fwd": meta, "dq": dict(meta), "dkdv": dict(meta)}
 
