@@ -323,7 +323,7 @@ class DecathlonDataModule(SplitLoaders, L.LightningDataModule):
         try:
             train_set, self.val_set, self.test_set = (
                 CacheDataset(split, self._transforms(train), cache_rate=hp.cache_rate,
-                             num_workers=max(1, hp.num_workers), progress=False)
+                             num_workers=max(1, self.num_workers), progress=False)
                 for split, train in zip(splits, (True, False, False))
             )
         except RuntimeError as err:
@@ -483,6 +483,14 @@ class MaskFolderDataModule(SplitLoaders, L.LightningDataModule):
             raise ValueError(f"the training split has {len(self.train_set)} images, fewer than "
                              f"data.batch_size={hp.batch_size}")
         self.train_set.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+    def predict_transform(self) -> A.Compose:
+        """What ``predict.py`` applies to an ``HWC`` uint8 image: the evaluation transform."""
+        hp = self.hparams
+        mean, std = tuple(hp.mean), tuple(hp.std)
+        if len(mean) != hp.in_channels:
+            mean, std = (sum(mean) / len(mean),) * hp.in_channels, (sum(std) / len(std),) * hp.in_channels
+        return mask_transforms(False, hp.patch_size, mean, std)
 
 
 

@@ -33,6 +33,14 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def to_channels_last(module: torch.nn.Module) -> None:
+    """NHWC memory layout for the 4-D (convolution) weights; other tensors keep theirs, so the option is safe
+    on any backbone (``Module.to(memory_format=...)`` fails on some attention models' 5-D parameters)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+
+
 class ClassificationModule(L.LightningModule):
     """Backbone by name (``timm.create_model``), AdamW (timm factory), per-step warmup + cosine.
 
@@ -97,7 +105,7 @@ class ClassificationModule(L.LightningModule):
 
     def _unpack(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = batch
-        if self.hparams.channels_last:
+        if self.hparams.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
 
@@ -108,7 +116,7 @@ class ClassificationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
-            self.to(memory_format=torch.channels_last)
+            to_channels_last(self)
         if self.hparams.compile and stage == "fit":
             self.model.compile()  # in place: parameter names (and so checkpoints) stay uncompiled-compatible
         if self.distill is not None and stage == "fit" and self.distill.teacher is None:
@@ -202,3 +210,12 @@ class ClassificationModule(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- prediction -----------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Class probabilities ``[B, num_classes]`` of ``batch["image"]`` (``predict.py``: top-k with names)."""
+        images = batch["image"]
+        if self.hparams.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return {"probs": self.eval_model(images).float().softmax(-1)}

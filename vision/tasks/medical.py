@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -290,3 +291,17 @@ class MedicalSegmentationModule(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- prediction -----------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, list[torch.Tensor]]:
+        """Class-id masks ``[H, W]`` of 2-D images at their original size ``batch["size"]`` (sliding-window
+        logits of the evaluation transform's output ``batch["image"]``; ``predict.py``)."""
+        logits = self.predict(batch["image"])
+        masks = []
+        for i, size in enumerate(batch["size"].tolist()):
+            sample = logits[i : i + 1]
+            if list(sample.shape[2:]) != size:
+                sample = F.interpolate(sample.float(), size=size, mode="bilinear", align_corners=False)
+            masks.append(sample.argmax(1)[0])
+        return {"masks": masks}
