@@ -19,7 +19,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import AtomicCheckpointIO, load_checkpoint_file, resolve_ckpt_path
-from .config import apply_overrides, command_line_overrides, reconcile_backbone, use_available_accelerator, validate_config
+from .config import (
+    apply_overrides,
+    command_line_overrides,
+    reconcile_backbone,
+    use_available_accelerator,
+    validate_config,
+)
 
 log = logging.getLogger("vision")
 
