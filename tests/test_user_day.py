@@ -108,7 +108,8 @@ class SlowSteps(Callback):
 
 SIGNAL_RUN = [*QUIET, "data.num_workers=1", "model.backbone.kwargs.channels=[8,8,8,8]", "data.image_size=16",
               "data.train_subset=64", "data.batch_size=8", "trainer.max_epochs=50", "trainer.limit_val_batches=0",
-              "test=false", "extras.print_config=false", "callbacks.last_checkpoint.every_n_train_steps=1000"]
+              "test=false", "extras.print_config=false", "callbacks.last_checkpoint.every_n_train_steps=1000",
+              "callbacks.model_checkpoint=null"]
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
@@ -372,7 +373,7 @@ def test_skipped_counts_files_not_reads(tmp_path):
 ])
 def test_common_keys_are_type_checked(compose_cfg, override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        train(compose_cfg("train", [override, *QUIET]))
+        train(compose_cfg("train", [*QUIET, "trainer.fast_dev_run=true", override]))
 
 
 def test_num_workers_default_follows_the_machine(compose_cfg):
