@@ -27,6 +27,7 @@ from vision.utils.checkpoint import AtomicCheckpointIO, load_checkpoint_file
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["data.num_workers=0", "callbacks.rich_progress_bar=null", "callbacks.model_summary=null",
          "callbacks.attention_maps=null", "trainer.accelerator=cpu"]
+EVAL_QUIET = ["data.num_workers=0", "callbacks.rich_progress_bar=null", "trainer.accelerator=cpu"]
 TINY = [*QUIET, "model.backbone.kwargs.channels=[8,8,8,8]", "data.image_size=16", "data.train_subset=32",
         "data.batch_size=16", "trainer.max_epochs=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 
@@ -200,11 +201,11 @@ def test_checkpoint_holds_config_and_class_names(trained):
 
 def test_eval_needs_only_the_checkpoint(compose_cfg, trained):
     metrics, ckpt = trained
-    evaluated, objects = evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", *QUIET, "trainer.limit_test_batches=1"]))
+    evaluated, objects = evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", *EVAL_QUIET, "trainer.limit_test_batches=1"]))
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     # command-line overrides still apply on top of the saved config
-    _, objects = evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", *QUIET, "trainer.limit_test_batches=1",
-                                               "data.eval_batch_size=4"]))
+    _, objects = evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", *EVAL_QUIET, "trainer.limit_test_batches=1",
+                                               "data.batch_size=4"]))
     assert objects["datamodule"].eval_batch_size == 4 and objects["datamodule"].hparams.image_size == 16
 
 

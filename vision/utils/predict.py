@@ -60,6 +60,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"{ckpt} holds no run config (it was written before checkpoints saved theirs); "
                          "evaluate it with eval.py and the training overrides, or retrain")
     model_cfg, data_cfg = OmegaConf.create(saved["model"]), OmegaConf.create(saved["data"])
+    if len(model_cfg.get("roi_size") or ()) == 3:
+        raise ValueError(f"{ckpt} is a 3-D (volume) model; predict.py reads 2-D images: evaluate volumes with eval.py")
     model = hydra.utils.instantiate(model_cfg)
     model.load_state_dict(state["state_dict"])
     datamodule = hydra.utils.instantiate(data_cfg)
