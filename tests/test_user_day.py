@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -44,12 +45,16 @@ SIZES = ("mini", "tiny", "small", "medium", "base", "large")
 
 
 def family(name: str) -> str:
-    """``nat_mini`` -> ``nat``, ``evit_deit_small`` -> ``evit_deit``: a variant's name without its size."""
-    return "_".join(part for part in name.split("_") if part not in SIZES)
+    """``nat_mini`` -> ``nat``, ``evit_deit_small`` -> ``evit_deit``, ``vitaev2_vsa_48m`` -> ``vitaev2_vsa``: a
+    variant's name without its size."""
+    head, _, size = name.rpartition("_")
+    return head if size in SIZES or re.fullmatch(r"\d+m|[stbl]", size) else name
 
 
-def size_rank(name: str) -> int:
-    return next(i for i, size in enumerate(SIZES) if size in name.split("_"))
+def size_rank(name: str) -> tuple[int, str]:
+    size = name.rpartition("_")[2]
+    size = {"t": "tiny", "s": "small", "b": "base", "l": "large"}.get(size, size)
+    return (SIZES.index(size) if size in SIZES else len(SIZES), name)
 
 
 # the smallest variant of every registered family (its name without the size)
@@ -221,7 +226,7 @@ def write_pngs(folder: Path, count: int, size=(28, 28), channels: int = 1) -> li
 
 
 def predict_cfg(compose_cfg, ckpt: Path, inputs: str, out: Path, *extra: str):
-    cfg = compose_cfg("predict", [f"ckpt_path={ckpt}", f"inputs={inputs}", *extra])
+    cfg = compose_cfg("predict", [f"ckpt_path={ckpt}", f"inputs='{inputs}'", *extra])  # quoted: globs hold []
     with open_dict(cfg):
         cfg.output_dir = str(out)
     return cfg
