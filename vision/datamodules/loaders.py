@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from .datasets import sample_seed, seed_worker_transform
+from .datasets import sample_seed, seed_worker_transform, unwrap_subset
 
 
 def available_cpus() -> int:
@@ -148,6 +148,18 @@ class SplitLoaders:
         """``num_workers`` (null: :func:`default_num_workers`, what the machine has)."""
         workers = self.hparams.get("num_workers")
         return default_num_workers() if workers is None else workers
+
+    def check_train_split(self) -> None:
+        """End of every ``setup``: refuse a training split smaller than one batch (``drop_last`` would leave no
+        batch), and seed the training transform for main-process loading (workers reseed their own copy)."""
+        if len(self.train_set) < self.hparams.batch_size:
+            raise ValueError(
+                f"the training split has {len(self.train_set)} images, fewer than data.batch_size="
+                f"{self.hparams.batch_size}; lower data.batch_size"
+            )
+        transform = getattr(unwrap_subset(self.train_set), "transform", None)
+        if hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(self.train_seed)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
