@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -291,3 +292,17 @@ class MedicalSegmentationModule(L.LightningModule):
         total, steps_per_epoch = training_steps(self.trainer)
         warmup = min(int(hp.warmup_epochs * steps_per_epoch), total // 2)
         return per_step(optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr))
+
+    # ---- prediction -----------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, list[torch.Tensor]]:
+        """Class-id masks ``[H, W]`` of 2-D images at their original size ``batch["size"]`` (sliding-window
+        logits of the evaluation transform's output ``batch["image"]``; ``predict.py``)."""
+        logits = self.predict(batch["image"])
+        masks = []
+        for i, size in enumerate(batch["size"].tolist()):
+            sample = logits[i : i + 1]
+            if list(sample.shape[2:]) != size:
+                sample = F.interpolate(sample.float(), size=size, mode="bilinear", align_corners=False)
+            masks.append(sample.argmax(1)[0])
+        return {"masks": masks}

@@ -26,6 +26,7 @@ from ..heads.segmentation import (  # noqa: F401  (re-exported: their former hom
     SegmentationModel,
     create_segmentation_model,
 )
+from .classification import to_channels_last
 from .schedules import per_step, poly_warmup, training_steps  # noqa: F401  (poly_warmup re-exported)
 
 # ---- inference -------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class SegmentationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
-            self.to(memory_format=torch.channels_last)
+            to_channels_last(self)
         if self.hparams.compile and stage == "fit":
             self.net.compile()
 
@@ -258,6 +259,20 @@ class SegmentationModule(L.LightningModule):
         return per_step(
             optimizer, lambda step: poly_warmup(step, total, warmup, hp.warmup_ratio, hp.poly_power, hp.min_lr / hp.lr)
         )
+
+    # ---- prediction ---------------------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, list[torch.Tensor]]:
+        """Class-id masks ``[H, W]`` at each image's original size ``batch["size"]``; ``batch["image"]`` is the
+        evaluation transform's output, ``batch["input_size"]`` its size before any padding (``predict.py``)."""
+        logits = self(self._images(batch["image"]))
+        masks = []
+        for i, ((h, w), size) in enumerate(zip(batch["input_size"].tolist(), batch["size"].tolist())):
+            sample = logits[i : i + 1, :, :h, :w]
+            if [h, w] != size:
+                sample = F.interpolate(sample.float(), size=size, mode="bilinear", align_corners=False)
+            masks.append(sample.argmax(1)[0])
+        return {"masks": masks}
 
 
 def per_class_iou(confmat: torch.Tensor) -> torch.Tensor:
