@@ -103,7 +103,8 @@ def neighborhood_attention2d(
     if rpb is not None and tuple(rpb.shape) != (heads, 2 * kh - 1, 2 * kw - 1):
         raise ValueError(f"rpb must be [heads, 2k-1, 2k-1] = {[heads, 2 * kh - 1, 2 * kw - 1]}, got {list(rpb.shape)}")
     scale = D**-0.5 if scale is None else scale
-    if _checks.use_triton(q, backend, dropout_p=dropout_p):
+    why = _checks.windowed_unsupported(q, (kh, kw), (dh, dw), (0, 0), False)
+    if _checks.use_triton(q, backend, dropout_p=dropout_p, atomics=rpb is not None, unsupported=why):
         return _checks.triton_windowed.windowed_attention(q, k, v, rpb, (kh, kw), (dh, dw), (0, 0), False, scale)
 
     rows = neighborhood_indices(H, kh, dh, q.device)  # [H, kh]
