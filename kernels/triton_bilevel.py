@@ -125,7 +125,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, IDX, DQ,
+    Q, K, V, OUT, DO, LSE, DELTA, IDX, DQ,
     sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son, sdb, sdh, sdw, sdn,
     sib, sin, sir,
     H, W, NH, DQK, DV, N: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, TOPK, TILES, scale,
@@ -145,7 +145,7 @@ def _bwd_dq_kernel(
     dv = tl.arange(0, BLOCK_DV)
     q = _rows(Q, b, qy, qx, head, dqk, sqb, sqh, sqw, sqn, q_ok, DQK)
     do = _rows(DO, b, qy, qx, head, dv, sdb, sdh, sdw, sdn, q_ok, DV)
-    o = _rows(O, b, qy, qx, head, dv, sob, soh, sow, son, q_ok, DV)
+    o = _rows(OUT, b, qy, qx, head, dv, sob, soh, sow, son, q_ok, DV)
     lse = tl.load(LSE + (bh * H + qy) * W + qx, mask=q_ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + (bh * H + qy) * W + qx, delta, mask=q_ok)
