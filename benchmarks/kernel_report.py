@@ -476,15 +476,27 @@ def analyse(cfg: Config, archs, cache: dict, work: dict | None) -> dict:
     return out
 
 
-def _work_subprocess(configs) -> dict:
-    """Run :func:`count_work` for every config in one interpreter subprocess."""
+def _work_key(cfg: Config) -> str:
+    """Cache key of a work count: the config and the source of the module its kernels live in."""
+    source = (ROOT / "kernels" / ("triton_bilevel.py" if cfg.family == "bra" else "triton_windowed.py")).read_bytes()
+    return f"work|{cfg.key}|{hashlib.sha256(source).hexdigest()[:16]}"
+
+
+def _start_count(configs):
+    """Start :func:`count_work` for every config in one interpreter subprocess (it runs beside the compiles)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    payload = json.dumps([dataclasses.asdict(c) for c in configs])
-    run = subprocess.run([sys.executable, __file__, "--count"], input=payload, capture_output=True, text=True,
-                         env=env, cwd=ROOT)
-    if run.returncode:
-        raise RuntimeError(f"interpreter count failed:\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout.splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, __file__, "--count"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    proc.stdin.write(json.dumps([dataclasses.asdict(c) for c in configs]))
+    proc.stdin.close()
+    return proc
+
+
+def _finish_count(proc) -> dict:
+    out, err = proc.stdout.read(), proc.stderr.read()
+    if proc.wait():
+        raise RuntimeError(f"interpreter count failed:\n{err[-3000:]}")
+    return json.loads(out.splitlines()[-1])
 
 
 def _fmt(value, spec="{:.0f}"):
@@ -554,23 +566,27 @@ def report(level="default", arch_names=("sm90", "sm80"), count=True, cache_path:
            log=print) -> list[dict]:
     configs = sweep(level)
     cache = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
-    work = {}
-    if count:
-        todo = [c for c in configs if f"work|{c.key}" not in cache]
-        if todo:
-            log(f"counting work of {len(todo)} configurations in the interpreter ...")
-            for key, value in _work_subprocess(todo).items():
-                cache[f"work|{key}"] = value
-        work = {c.key: cache.get(f"work|{c.key}") for c in configs}
-    archs = [ARCHS[a] for a in arch_names]
-    results = []
-    for i, cfg in enumerate(configs):
-        results.append(analyse(cfg, archs, cache, work.get(cfg.key)))
-        log(f"[{i + 1}/{len(configs)}] {cfg.key}")
+    todo = [c for c in configs if _work_key(c) not in cache] if count else []
+    proc = _start_count(todo) if todo else None
+    if todo:
+        log(f"counting the work of {len(todo)} configurations in the interpreter (in the background) ...")
+
+    def save():
         if cache_path:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             cache_path.write_text(json.dumps(cache))
-    return results
+
+    archs = [ARCHS[a] for a in arch_names]
+    for i, cfg in enumerate(configs):  # compile first (fills the cache), while the interpreter counts
+        analyse(cfg, archs, cache, None)
+        log(f"[{i + 1}/{len(configs)}] compiled {cfg.key}")
+        save()
+    if proc:
+        counted = _finish_count(proc)
+        for cfg in todo:
+            cache[_work_key(cfg)] = counted[cfg.key]
+        save()
+    return [analyse(cfg, archs, cache, cache.get(_work_key(cfg)) if count else None) for cfg in configs]
 
 
 def _merge(results, others):
@@ -594,8 +610,11 @@ def main(argv=None) -> int:
     parser.add_argument("--count", action="store_true", help=argparse.SUPPRESS)  # internal: interpreter counts
     args = parser.parse_args(argv)
     if args.count:
-        configs = [Config(**c) for c in json.loads(sys.stdin.read())]
-        print(json.dumps({c.key: count_work(c) for c in configs}))
+        counts = {}
+        for c in map(lambda fields: Config(**fields), json.loads(sys.stdin.read())):
+            counts[c.key] = count_work(c)
+            print(f"counted {c.key}", file=sys.stderr, flush=True)
+        print(json.dumps(counts))
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles for a GPU target")
