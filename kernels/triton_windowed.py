@@ -160,6 +160,18 @@ def _inside(key_y, key_x, win_y, win_x, KH: tl.constexpr, KW: tl.constexpr):
 
 
 @triton.jit
+def _bias(table, idx, eye, SIZE: tl.constexpr):
+    """``bias[m, n] = table[idx[n, m]]``, as the tensor-core product ``eye @ g^T`` of the gathered values'
+    fp16 high and low parts (exact to ~2**-22). A gather that feeds a dot operand goes through shared memory
+    like K does, so the softmax stays in the dot's register layout (an elementwise gather pulled it into a
+    layout that reduces with ~40 shuffles per score). Indices of masked pairs are clamped into the table."""
+    g = tl.load(table + tl.minimum(tl.maximum(idx, 0), SIZE - 1))
+    hi = g.to(tl.float16)
+    lo = (g - hi.to(tl.float32)).to(tl.float16)
+    return tl.dot(eye, tl.trans(hi), tl.dot(eye, tl.trans(lo)))
+
+
+@triton.jit
 def _inverse_range(first, last, Lf, K: tl.constexpr):
     """First and last query position whose neighborhood contains a key in ``[first, last]``."""
     t = first - K + 1
@@ -188,6 +200,7 @@ def _fwd_kernel(
     head = bh % NH
     d = tl.arange(0, BLOCK_D)
     m = tl.arange(0, BLOCK_M)
+    eye = (m[:, None] == m[None, :]).to(tl.float16)  # see _bias
     qpy = fy + m // TQW
     qpx = fx + m % TQW
     qy, qx, q_ok = _lanes(qpy, qpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, m < rows * TQW, BLOCKED)
@@ -214,7 +227,7 @@ def _fwd_kernel(
         allowed = _inside(cy[None, :], cx[None, :], wy[:, None], wx[:, None], KH, KW)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
-            s += tl.load(rpb + (kpy * (2 * KW - 1) + kpx)[None, :] - qb[:, None], mask=allowed, other=0.0)
+            s += _bias(rpb, (kpy * (2 * KW - 1) + kpx)[:, None] - qb[None, :], eye, (2 * KH - 1) * (2 * KW - 1))
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
@@ -251,6 +264,7 @@ def _bwd_dq_kernel(
     head = bh % NH
     d = tl.arange(0, BLOCK_D)
     m = tl.arange(0, BLOCK_M)
+    eye = (m[:, None] == m[None, :]).to(tl.float16)  # see _bias
     qpy = fy + m // TQW
     qpx = fx + m % TQW
     qy, qx, q_ok = _lanes(qpy, qpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, m < rows * TQW, BLOCKED)
@@ -280,15 +294,15 @@ def _bwd_dq_kernel(
         v = _rows(v_base, ky, kx, svh, svw, d, k_ok, D)
         cy, cx = _key_codes(kpy, kpx, k_ok, Lfy, Lfx, KH, KW, SH, SW, BLOCKED)
         allowed = _inside(cy[None, :], cx[None, :], wy[:, None], wx[:, None], KH, KW)
-        bias_idx = (kpy * (2 * KW - 1) + kpx)[None, :] - qb[:, None]
+        kb = kpy * (2 * KW - 1) + kpx
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
-            s += tl.load(rpb + bias_idx, mask=allowed, other=0.0)
+            s += _bias(rpb, kb[:, None] - qb[None, :], eye, (2 * KH - 1) * (2 * KW - 1))
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         if HAS_RPB:  # relaxed: a plain reduction, no fence per element
-            tl.atomic_add(drpb + bias_idx, ds, mask=allowed, sem="relaxed")
+            tl.atomic_add(drpb + (kb[None, :] - qb[:, None]), ds, mask=allowed, sem="relaxed")
     tl.store(DQ + b * sdb + head * sdn + qy[:, None] * sdh + qx[:, None] * sdw + d[None, :],
              (dq * (qk_scale * 0.6931471805599453)).to(DQ.dtype.element_ty), mask=q_ok[:, None] & (d[None, :] < D))
 
@@ -312,6 +326,7 @@ def _bwd_dkdv_kernel(
     head = bh % NH
     d = tl.arange(0, BLOCK_D)
     m = tl.arange(0, BLOCK_M)
+    eye = (m[:, None] == m[None, :]).to(tl.float16)  # see _bias
     kpy = fy + m // TQW
     kpx = fx + m % TQW
     ky, kx, k_ok = _lanes(kpy, kpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, m < rows * TQW, BLOCKED)
@@ -355,7 +370,7 @@ def _bwd_dkdv_kernel(
         allowed = _inside(cy[:, None], cx[:, None], wy[None, :], wx[None, :], KH, KW)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
-            st += tl.load(rpb + kb[:, None] - (qpy * (2 * KW - 1) + qpx)[None, :], mask=allowed, other=0.0)
+            st += _bias(rpb, kb[None, :] - (qpy * (2 * KW - 1) + qpx)[:, None], eye, (2 * KH - 1) * (2 * KW - 1))
         pt = tl.where(allowed, tl.exp2(st - lse[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dst = pt * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
