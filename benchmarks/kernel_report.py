@@ -503,10 +503,23 @@ def _fmt(value, spec="{:.0f}"):
     return "–" if value is None else spec.format(value)
 
 
+def sources() -> dict:
+    """Which kernels a report describes: the git commit and the kernel files' hashes."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    files = {name: hashlib.sha256((ROOT / "kernels" / name).read_bytes()).hexdigest()[:12]
+             for name in ("triton_windowed.py", "triton_bilevel.py")}
+    return dict(commit=commit.stdout.strip() or "unknown", **files)
+
+
 def markdown(results, arch: Arch, command: str) -> str:
+    import triton
+
+    src = sources()
     lines = [f"# Static kernel report, {arch.name} ({arch.gpu})", "",
-             f"`{command}`: compiled ahead of time with Triton's compiler for `GPUTarget(\"cuda\", "
-             f"{arch.capability}, 32)`; no GPU ran anything. How to read it: README, section Kernels.", "",
+             f"`{command}`: compiled ahead of time with Triton {triton.__version__}'s compiler for "
+             f"`GPUTarget(\"cuda\", {arch.capability}, 32)`; no GPU ran anything. Kernels of commit {src['commit']} "
+             f"(sha256 triton_windowed.py {src['triton_windowed.py']}, triton_bilevel.py {src['triton_bilevel.py']}). "
+             "How to read it: README, section Kernels.", "",
              f"Model: each kernel takes the slowest of issue ({arch.sms} SMs x 4 warp-instructions/clock x "
              f"{arch.clock_ghz} GHz, hot loop only), tensor cores ({arch.tensor_tflops['fp16']} TFLOP/s dense "
              f"fp16/bf16, {arch.tensor_tflops['fp32']} fp32 FMA) and HBM ({arch.hbm_gbs:.0f} GB/s, every tensor "
@@ -565,6 +578,8 @@ def markdown(results, arch: Arch, command: str) -> str:
 def report(level="default", arch_names=("sm90", "sm80"), count=True, cache_path: Path | None = CACHE,
            log=print) -> list[dict]:
     configs = sweep(level)
+    if cache_path:  # one file per architecture set, so two architectures can be compiled side by side
+        cache_path = cache_path.with_name(f"{cache_path.stem}_{'_'.join(arch_names)}.json")
     cache = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
     todo = [c for c in configs if _work_key(c) not in cache] if count else []
     proc = _start_count(todo) if todo else None
@@ -607,6 +622,7 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=None)
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", choices=("first", "others"), help=argparse.SUPPRESS)  # fill one cache only
     parser.add_argument("--count", action="store_true", help=argparse.SUPPRESS)  # internal: interpreter counts
     args = parser.parse_args(argv)
     if args.count:
@@ -622,7 +638,12 @@ def main(argv=None) -> int:
     archs = args.archs or (["sm90"] if level == "quick" else ["sm90", "sm80"])
     cache = None if args.no_cache else CACHE
     # the first architecture gets the whole sweep; by default the others the goal and the largest tiles
+    if args.only == "others":
+        report("arch" if level == "default" else level, archs[1:], cache_path=cache)
+        return 0
     results = report(level, archs[:1], cache_path=cache)
+    if args.only == "first":
+        return 0
     if archs[1:]:
         others = report("arch" if level == "default" else level, archs[1:], cache_path=cache)
         results = _merge(results, others)
@@ -632,8 +653,8 @@ def main(argv=None) -> int:
         stem = args.out / f"kernel_report_{name}"
         rows = [dict(r, archs={name: r["archs"][name]}) for r in results if name in r.get("archs", {})]
         rows += [r for r in results if "error" in r]
-        stem.with_suffix(".json").write_text(json.dumps(dict(arch=dataclasses.asdict(ARCHS[name]), results=rows),
-                                                        indent=1))
+        stem.with_suffix(".json").write_text(json.dumps(dict(arch=dataclasses.asdict(ARCHS[name]), sources=sources(),
+                                                             results=rows), indent=1))
         stem.with_suffix(".md").write_text(markdown(results, ARCHS[name], command.strip()))
         print(f"written {stem}.md and .json")
     return 0
