@@ -160,15 +160,18 @@ def _inside(key_y, key_x, win_y, win_x, KH: tl.constexpr, KW: tl.constexpr):
 
 
 @triton.jit
-def _bias(table, idx, eye, SIZE: tl.constexpr):
-    """``bias[m, n] = table[idx[n, m]]``, as the tensor-core product ``eye @ g^T`` of the gathered values'
-    fp16 high and low parts (exact to ~2**-22). A gather that feeds a dot operand goes through shared memory
-    like K does, so the softmax stays in the dot's register layout (an elementwise gather pulled it into a
-    layout that reduces with ~40 shuffles per score). Indices of masked pairs are clamped into the table."""
-    g = tl.load(table + tl.minimum(tl.maximum(idx, 0), SIZE - 1))
-    hi = g.to(tl.float16)
-    lo = (g - hi.to(tl.float32)).to(tl.float16)
-    return tl.dot(eye, tl.trans(hi), tl.dot(eye, tl.trans(lo)))
+def _bias(table, idx, eye):
+    """``bias[m, n] = table[idx[n, m]]``, as the tensor-core product ``eye @ g^T``: a gather that feeds a dot
+    operand goes through shared memory like K does, so the softmax stays in the dot's register layout (an
+    elementwise gather pulled it into a layout that reduces with ~40 shuffles per score). The table is fp16
+    for half-precision inputs; an fp32 table is split into fp16 high and low parts (exact to ~2**-22)."""
+    g = tl.load(table + idx)
+    if table.dtype.element_ty == tl.float16:
+        b = tl.dot(eye, tl.trans(g))
+    else:
+        hi = g.to(tl.float16)
+        b = tl.dot(eye, tl.trans(hi), tl.dot(eye, tl.trans((g - hi.to(tl.float32)).to(tl.float16))))
+    return b
 
 
 @triton.jit
@@ -187,13 +190,15 @@ def _fwd_kernel(
     H, W, NH, D, qk_scale, TILES_Y, TILES_X,
     KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TQH: tl.constexpr, TQW: tl.constexpr, SPLIT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+    CHUNK_ROWS: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKED: tl.constexpr,
     HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Output and log-sum-exp of a query tile over the ``RH x RW`` key rectangle its windows touch.
-    ``qk_scale`` and the bias are in base 2 (pre-multiplied by log2(e))."""
+    """Output and log-sum-exp of a query tile over the ``RH x RW`` key rectangle its windows touch, in chunks
+    of ``CHUNK_ROWS`` whole rows (so a lane's row and column are loop-invariant). ``qk_scale`` and the bias
+    table (``[heads, PH, PW]``, zero-padded so that every lane's index is in range) are in base 2."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs dims >= 16 on GPU")
-    tl.static_assert(TQH * TQW <= BLOCK_M)
+    tl.static_assert(TQH * TQW <= BLOCK_M and CHUNK_ROWS * RW <= BLOCK_N)
     bh, gy, gx, Lfy, Lfx, fy, fx, rows = _program(H, W, TILES_Y, TILES_X, KH, KW, DH, DW, TQH, TQW, SPLIT,
                                                   BLOCKED)
     b = (bh // NH).to(tl.int64)  # int64: offsets of large batches pass 2**31
@@ -201,33 +206,36 @@ def _fwd_kernel(
     d = tl.arange(0, BLOCK_D)
     m = tl.arange(0, BLOCK_M)
     eye = (m[:, None] == m[None, :]).to(tl.float16)  # see _bias
-    qpy = fy + m // TQW
-    qpx = fx + m % TQW
+    mm = tl.where(m < rows * TQW, m, 0)  # padding lanes repeat query 0 (masked): bias indices stay in range
+    qpy = fy + mm // TQW
+    qpx = fx + mm % TQW
     qy, qx, q_ok = _lanes(qpy, qpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, m < rows * TQW, BLOCKED)
     q = _rows(Q + b * sqb + head * sqn, qy, qx, sqh, sqw, d, q_ok, D)
     wy, wx = _window_codes(qpy, qpx, q_ok, Lfy, Lfx, KH, KW, SH, SW, BLOCKED)
-    qb = qpy * (2 * KW - 1) + qpx - ((KH - 1) * (2 * KW - 1) + KW - 1)  # bias index = key's kb - qb
-    rpb = RPB + head * ((2 * KH - 1) * (2 * KW - 1))
+    qb = qpy * PW + qpx - (PY * PW + PX)  # bias index = key's kb - qb
+    table = RPB + head * (PH * PW)
     k_base = K + b * skb + head * skn
     v_base = V + b * svb + head * svn
     ky0 = _window_start(fy, Lfy, KH, BLOCKED)
     kx0 = _window_start(fx, Lfx, KW, BLOCKED)
+    lane = tl.arange(0, BLOCK_N)
+    lrow = lane // RW
+    kpx = kx0 + lane % RW
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for j0 in range(0, RH * RW, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        kpy = ky0 + j // RW
-        kpx = kx0 + j % RW
-        ky, kx, k_ok = _lanes(kpy, kpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, j < RH * RW, BLOCKED)
+    for r0 in range(0, RH, CHUNK_ROWS):
+        in_rect = (lrow < CHUNK_ROWS) & (r0 + lrow < RH)
+        kpy = tl.where(in_rect, ky0 + r0 + lrow, ky0)
+        ky, kx, k_ok = _lanes(kpy, kpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, in_rect, BLOCKED)
         k = _rows(k_base, ky, kx, skh, skw, d, k_ok, D)
         v = _rows(v_base, ky, kx, svh, svw, d, k_ok, D)
         cy, cx = _key_codes(kpy, kpx, k_ok, Lfy, Lfx, KH, KW, SH, SW, BLOCKED)
         allowed = _inside(cy[None, :], cx[None, :], wy[:, None], wx[:, None], KH, KW)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
-            s += _bias(rpb, (kpy * (2 * KW - 1) + kpx)[:, None] - qb[None, :], eye, (2 * KH - 1) * (2 * KW - 1))
+            s += _bias(table, (kpy * PW + kpx)[:, None] - qb[None, :], eye)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
@@ -252,21 +260,24 @@ def _bwd_dq_kernel(
     H, W, NH, D, qk_scale, TILES_Y, TILES_X,
     KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TQH: tl.constexpr, TQW: tl.constexpr, SPLIT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+    CHUNK_ROWS: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKED: tl.constexpr,
     HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``delta = rowsum(O·dO)`` of a query tile (stored for the dK/dV kernel), then its dQ and dRPB over the
-    same key rectangle as the forward (OUT, DQ: DO's strides)."""
+    same key chunks as the forward (OUT, DQ: DO's strides; DRPB: per (batch, head), padded like the table)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs dims >= 16 on GPU")
+    tl.static_assert(TQH * TQW <= BLOCK_M and CHUNK_ROWS * RW <= BLOCK_N)
     bh, gy, gx, Lfy, Lfx, fy, fx, rows = _program(H, W, TILES_Y, TILES_X, KH, KW, DH, DW, TQH, TQW, SPLIT,
                                                   BLOCKED)
     b = (bh // NH).to(tl.int64)
     head = bh % NH
     d = tl.arange(0, BLOCK_D)
     m = tl.arange(0, BLOCK_M)
-    eye = (m[:, None] == m[None, :]).to(tl.float16)  # see _bias
-    qpy = fy + m // TQW
-    qpx = fx + m % TQW
+    eye = (m[:, None] == m[None, :]).to(tl.float16)
+    mm = tl.where(m < rows * TQW, m, 0)  # padding lanes repeat query 0 (masked): bias indices stay in range
+    qpy = fy + mm // TQW
+    qpx = fx + mm % TQW
     qy, qx, q_ok = _lanes(qpy, qpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, m < rows * TQW, BLOCKED)
     q = _rows(Q + b * sqb + head * sqn, qy, qx, sqh, sqw, d, q_ok, D)
     do = _rows(DO + b * sdb + head * sdn, qy, qx, sdh, sdw, d, q_ok, D)
@@ -276,28 +287,30 @@ def _bwd_dq_kernel(
     tl.store(DELTA + stats, delta, mask=q_ok)
     lse = tl.load(LSE + stats, mask=q_ok, other=0.0) * 1.4426950408889634  # base 2
     wy, wx = _window_codes(qpy, qpx, q_ok, Lfy, Lfx, KH, KW, SH, SW, BLOCKED)
-    qb = qpy * (2 * KW - 1) + qpx - ((KH - 1) * (2 * KW - 1) + KW - 1)
-    rpb = RPB + head * ((2 * KH - 1) * (2 * KW - 1))
-    drpb = DRPB + bh * ((2 * KH - 1) * (2 * KW - 1))
+    qb = qpy * PW + qpx - (PY * PW + PX)
+    table = RPB + head * (PH * PW)
+    drpb = DRPB + bh.to(tl.int64) * (PH * PW)
     k_base = K + b * skb + head * skn
     v_base = V + b * svb + head * svn
     ky0 = _window_start(fy, Lfy, KH, BLOCKED)
     kx0 = _window_start(fx, Lfx, KW, BLOCKED)
+    lane = tl.arange(0, BLOCK_N)
+    lrow = lane // RW
+    kpx = kx0 + lane % RW
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for j0 in range(0, RH * RW, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        kpy = ky0 + j // RW
-        kpx = kx0 + j % RW
-        ky, kx, k_ok = _lanes(kpy, kpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, j < RH * RW, BLOCKED)
+    for r0 in range(0, RH, CHUNK_ROWS):
+        in_rect = (lrow < CHUNK_ROWS) & (r0 + lrow < RH)
+        kpy = tl.where(in_rect, ky0 + r0 + lrow, ky0)
+        ky, kx, k_ok = _lanes(kpy, kpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, in_rect, BLOCKED)
         k = _rows(k_base, ky, kx, skh, skw, d, k_ok, D)
         v = _rows(v_base, ky, kx, svh, svw, d, k_ok, D)
         cy, cx = _key_codes(kpy, kpx, k_ok, Lfy, Lfx, KH, KW, SH, SW, BLOCKED)
         allowed = _inside(cy[None, :], cx[None, :], wy[:, None], wx[:, None], KH, KW)
-        kb = kpy * (2 * KW - 1) + kpx
+        kb = kpy * PW + kpx
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
-            s += _bias(rpb, kb[:, None] - qb[None, :], eye, (2 * KH - 1) * (2 * KW - 1))
+            s += _bias(table, kb[:, None] - qb[None, :], eye)
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -314,11 +327,13 @@ def _bwd_dkdv_kernel(
     H, W, NH, D, qk_scale, TILES_Y, TILES_X,
     KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     TQH: tl.constexpr, TQW: tl.constexpr, SPLIT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+    CHUNK_ROWS: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKED: tl.constexpr,
     HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dK and dV of a key tile, walking the queries whose windows contain its keys; scores are computed as
-    ``[keys, queries]`` so that every dot takes its operands as loaded (DK/DV: DO's strides)."""
+    """dK and dV of a key tile, walking the queries whose windows contain its keys in chunks of whole rows;
+    scores are computed as ``[keys, queries]`` so that every dot takes its operands as loaded (DK/DV: DO's
+    strides)."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs dims >= 16 on GPU")
     bh, gy, gx, Lfy, Lfx, fy, fx, rows = _program(H, W, TILES_Y, TILES_X, KH, KW, DH, DW, TQH, TQW, SPLIT,
                                                   BLOCKED)
@@ -326,42 +341,43 @@ def _bwd_dkdv_kernel(
     head = bh % NH
     d = tl.arange(0, BLOCK_D)
     m = tl.arange(0, BLOCK_M)
-    eye = (m[:, None] == m[None, :]).to(tl.float16)  # see _bias
-    kpy = fy + m // TQW
-    kpx = fx + m % TQW
+    eye = (m[:, None] == m[None, :]).to(tl.float16)
+    mm = tl.where(m < rows * TQW, m, 0)  # padding lanes repeat key 0 (masked)
+    kpy = fy + mm // TQW
+    kpx = fx + mm % TQW
     ky, kx, k_ok = _lanes(kpy, kpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, m < rows * TQW, BLOCKED)
     k = _rows(K + b * skb + head * skn, ky, kx, skh, skw, d, k_ok, D)
     v = _rows(V + b * svb + head * svn, ky, kx, svh, svw, d, k_ok, D)
     cy, cx = _key_codes(kpy, kpx, k_ok, Lfy, Lfx, KH, KW, SH, SW, BLOCKED)
-    kb = kpy * (2 * KW - 1) + kpx + ((KH - 1) * (2 * KW - 1) + KW - 1)
-    rpb = RPB + head * ((2 * KH - 1) * (2 * KW - 1))
+    kb = kpy * PW + kpx + (PY * PW + PX)
+    table = RPB + head * (PH * PW)
     q_base = Q + b * sqb + head * sqn
     do_base = DO + b * sdb + head * sdn
     stats = LSE + bh.to(tl.int64) * H * W
     deltas = DELTA + bh.to(tl.int64) * H * W
+    lane = tl.arange(0, BLOCK_N)
     if BLOCKED:  # the queries of a Swin key tile are its windows: the forward's rectangle
         qy0 = _window_start(fy, Lfy, KH, BLOCKED)
         qx0 = fx
         cols = RW
-        n = RH * RW
-    else:
+        nrows = RH
+        chunk_rows = CHUNK_ROWS
+        lrow = lane // RW
+    else:  # the inverse neighborhood: wider than the forward's rectangle at the borders
         qy0, y1 = _inverse_range(fy, tl.minimum(fy + TQH - 1, Lfy - 1), Lfy, KH)
         qx0, x1 = _inverse_range(fx, tl.minimum(fx + TQW - 1, Lfx - 1), Lfx, KW)
         cols = x1 - qx0 + 1
-        n = tl.where((fy < Lfy) & (fx < Lfx), (y1 - qy0 + 1) * cols, 0)
-        inv_cols = 1.0 / cols.to(tl.float32)
+        nrows = tl.where((fy < Lfy) & (fx < Lfx), y1 - qy0 + 1, 0)
+        chunk_rows = BLOCK_N // cols
+        lrow = ((lane.to(tl.float32) + 0.5) / cols.to(tl.float32)).to(tl.int32)  # exact for these integers
+    qpx = qx0 + lane - lrow * cols
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for i0 in range(0, n, BLOCK_N):
-        i = i0 + tl.arange(0, BLOCK_N)
-        if BLOCKED:
-            r = i // RW
-        else:  # a runtime row length: divide in fp32, exact for these small integers
-            r = ((i.to(tl.float32) + 0.5) * inv_cols).to(tl.int32)
-        qpy = qy0 + r
-        qpx = qx0 + i - r * cols
-        qy, qx, q_ok = _lanes(qpy, qpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, i < n, BLOCKED)
+    for r0 in range(0, nrows, chunk_rows):
+        in_rect = (lrow < chunk_rows) & (r0 + lrow < nrows)
+        qpy = tl.where(in_rect, qy0 + r0 + lrow, qy0)
+        qy, qx, q_ok = _lanes(qpy, qpx, H, W, Lfy, Lfx, DH, DW, gy, gx, SH, SW, in_rect, BLOCKED)
         q = _rows(q_base, qy, qx, sqh, sqw, d, q_ok, D)
         do = _rows(do_base, qy, qx, sdh, sdw, d, q_ok, D)
         lse = tl.load(stats + qy * W + qx, mask=q_ok, other=0.0) * 1.4426950408889634
@@ -370,7 +386,7 @@ def _bwd_dkdv_kernel(
         allowed = _inside(cy[:, None], cx[:, None], wy[None, :], wx[None, :], KH, KW)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
-            st += _bias(rpb, kb[None, :] - (qpy * (2 * KW - 1) + qpx)[:, None], eye, (2 * KH - 1) * (2 * KW - 1))
+            st += _bias(table, kb[None, :] - tl.where(in_rect, qpy * PW + qpx, fy * PW + fx)[:, None], eye)
         pt = tl.where(allowed, tl.exp2(st - lse[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dst = pt * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
@@ -432,12 +448,14 @@ def launch_config(shape, dtype, kernel, dilation=(1, 1), shift=(0, 0), blocked=F
     if programs >= 2**31:
         raise Unsupported(f"{programs} programs exceed CUDA's grid ({where})")
     block_m = _pow2(tqh * tqw)
-    block_n = min(64 if D <= 64 else 32, _pow2(rh * rw))
-    warps = 4 if block_m >= 64 else 2
+    inverse_w = rw if blocked else tqw + kw - 1 + kw // 2  # the dK/dV kernel's widest row of queries
+    block_n = max(64 if D <= 64 else 32, _pow2(inverse_w))  # whole rows per chunk
+    py, px = kh + tqh - 2, (tqw - 1 if blocked else kw + tqw - 2)  # bias table padding: any lane's offset fits
     common = dict(KH=kh, KW=kw, DH=dh, DW=dw, SH=sh, SW=sw, TQH=tqh, TQW=tqw, SPLIT=split, RH=rh, RW=rw,
+                  CHUNK_ROWS=block_n // rw, PY=py, PX=px, PH=py + rh, PW=px + rw,
                   BLOCK_M=block_m, BLOCK_D=block_d, BLOCKED=blocked, HAS_RPB=has_rpb,
                   PRECISION="ieee" if dtype == torch.float32 else "tf32")
-    meta = dict(common, BLOCK_N=block_n, num_warps=warps, num_stages=1)
+    meta = dict(common, BLOCK_N=block_n, num_warps=4 if block_m >= 64 else 2, num_stages=1)
     return (programs,), (tiles_y, tiles_x), {"fwd": meta, "dq": dict(meta), "dkdv": dict(meta)}
 
 
@@ -448,6 +466,14 @@ def unsupported(shape, dtype, kernel, dilation, shift, blocked) -> str | None:
     except Unsupported as e:
         return str(e)
     return None
+
+
+def _bias_table(rpb, meta, dtype):
+    """``rpb`` in base 2, zero-padded to ``[heads, PH, PW]`` (fp16 for half-precision inputs, see ``_bias``)."""
+    kh, kw, py, px = meta["KH"], meta["KW"], meta["PY"], meta["PX"]
+    table = rpb.new_zeros(rpb.shape[0], meta["PH"], meta["PW"], dtype=torch.float32)
+    table[:, py - kh + 1: py + kh, px - kw + 1: px + kw] = rpb.float() * LOG2E
+    return table.to(torch.float32 if dtype == torch.float32 else torch.float16).contiguous()
 
 
 def _strides(t):
@@ -464,7 +490,7 @@ def windowed_attention_fwd(q, k, v, rpb, kernel, dilation, shift, blocked, scale
                                                     rpb is not None)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, NH, H, W, device=q.device, dtype=torch.float32)
-    rpb_arg = (rpb.float() * LOG2E).contiguous() if rpb is not None else lse  # unused when HAS_RPB is False
+    rpb_arg = _bias_table(rpb, metas["fwd"], q.dtype) if rpb is not None else lse  # unused without RPB
     _fwd_kernel[grid](
         q, k, v, out, lse, rpb_arg, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, W, NH, D, scale * LOG2E, tiles_y, tiles_x, **metas["fwd"],
@@ -481,14 +507,17 @@ def windowed_attention_bwd(grad_out, q, k, v, out, lse, rpb, kernel, dilation, s
     grad_out, out = grad_out.contiguous(), out.contiguous()  # one set of strides for dO, O, dQ, dK, dV
     delta = torch.empty_like(lse)  # rowsum(O * dO), written by the dQ kernel for the dK/dV kernel
     dq, dk, dv = (torch.empty_like(grad_out) for _ in range(3))
-    rpb_arg = (rpb.float() * LOG2E).contiguous() if has_rpb else lse
-    drpb = torch.zeros(B * NH, *rpb.shape[1:], device=q.device, dtype=torch.float32) if has_rpb else lse
+    meta = metas["dq"]
+    rpb_arg = _bias_table(rpb, meta, q.dtype) if has_rpb else lse
+    drpb = q.new_zeros(B * NH, meta["PH"], meta["PW"], dtype=torch.float32) if has_rpb else lse
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     scalars = (H, W, NH, D, scale * LOG2E, tiles_y, tiles_x)
     _bwd_dq_kernel[grid](q, k, v, out, grad_out, lse, delta, rpb_arg, dq, drpb, *strides, *scalars, **metas["dq"])
     _bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, rpb_arg, dk, dv, *strides, *scalars, **metas["dkdv"])
     if has_rpb:
-        drpb = drpb.view(B, NH, *rpb.shape[1:]).sum(0).to(rpb.dtype)
+        kh, kw, py, px = meta["KH"], meta["KW"], meta["PY"], meta["PX"]
+        drpb = drpb[:, py - kh + 1: py + kh, px - kw + 1: px + kw].reshape(B, NH, *rpb.shape[1:]).sum(0)
+        drpb = drpb.to(rpb.dtype)
     return dq, dk, dv, drpb if has_rpb else None
 
 

@@ -220,3 +220,54 @@ def test_deterministic_mode_refuses_the_rpb_atomics():
                                                                                             atomics=False)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+COMPILE_FOR_H100 = r"""
+import inspect, os, re, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.triton_windowed as tw
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+KERNELS = {"fwd": tw._fwd_kernel, "dq": tw._bwd_dq_kernel, "dkdv": tw._bwd_dkdv_kernel}
+for shape, kernel, shift, blocked in [((8, 56, 56, 4, 32), (7, 7), (0, 0), False),  # the goal shape
+                                      ((32, 39, 39, 4, 128), (13, 13), (6, 6), True)]:  # overflowed smem before
+    _, _, metas = tw.launch_config(shape, torch.float16, kernel, (1, 1), shift, blocked, True)
+    for name, fn in KERNELS.items():
+        meta = metas[name]
+        names = list(inspect.signature(fn.fn).parameters)
+        first_stride = names.index("sqb")
+        sig = {n: "constexpr" if n in meta else ("*fp32" if n in ("LSE", "DELTA", "RPB", "DRPB") else "*fp16")
+               if i < first_stride else "fp32" if n == "qk_scale" else "i32" for i, n in enumerate(names)}
+        # as a launch specialises them: pointers, strides and D are multiples of 16
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if n not in meta and (i < first_stride or n == "D" or len(n) == 3 and n[0] == "s")}
+        constexprs = {(names.index(n),): v for n, v in meta.items() if n in names}
+        options = {k: meta[k] for k in ("num_warps", "num_stages")}
+        compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+            open(ptx, "w").write(compiled.asm["ptx"])
+            open(cubin, "wb").write(compiled.asm["cubin"])
+            ptxas = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "-arch=sm_90a", ptx, "-o", cubin + ".o"],
+                                   capture_output=True, text=True, check=True).stderr
+            sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                                  check=True).stdout
+        spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill", ptxas))
+        where = f"{name} {shape} {kernel} blocked={blocked}"
+        print(where, "registers", re.search(r"Used (\d+) registers", ptxas).group(1), "spills", spills,
+              "smem", compiled.metadata.shared)
+        assert compiled.metadata.shared <= 232448, f"{where}: {compiled.metadata.shared} B of shared memory"
+        assert spills == 0, f"{where}: spills {spills} B"
+        assert "MEMBAR" not in sass and "FENCE" not in sass, f"{where}: a memory fence"
+"""
+
+
+def test_kernels_compile_for_a_gpu():
+    """The interpreter is looser than the GPU compiler: compile the three kernels (fp16, with RPB) for sm_90
+    ahead of time for the goal shape and for 13x13 Swin windows at D=128, with Triton's bundled ptxas (no GPU),
+    and check what must never ship: shared memory beyond an H100 block, register spills, memory fences."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], check=True, env=env)
