@@ -111,7 +111,7 @@ def sweep(level: str) -> list[Config]:
     swin = lambda w, D=32, dtype="fp16", **kw: Config("swin", w, D, dtype, shift=w // 2, **kw)
     bra = lambda side, topk, D=32, dtype="fp16": Config("bra", 7, D, dtype, topk=topk, side=side)
     if level == "quick":  # the goal, the largest Swin window (overflowed before), BRA's widest head dim
-        return [GOAL, swin(13, 64, side=39), bra(14, 16, 128)]
+        return [GOAL, swin(13, 64, side=39), swin(13, 128, side=39), bra(14, 16, 128)]
     sizes, dims, dtypes = range(3, 14, 2), (16, 32, 64, 128), ("fp16", "bf16", "fp32")
     if level == "all":
         return ([Config("na", k, D, t, dilation=d) for k in sizes for d in (1, 2) for D in dims for t in dtypes]
