@@ -412,7 +412,7 @@ def launch_config(shape, dtype, kernel, dilation=(1, 1), shift=(0, 0), blocked=F
     The table: a neighborhood tile is 4 x 4 queries (the fewest that fill ``tl.dot``'s 16 rows; a square
     scores the fewest keys no query needs), its key rectangle ``(4 + k - 1)^2``; a Swin tile is whole windows
     side by side, or rows of one window when a window has more tokens than the tile (13 x 13), so that every
-    tile stays within 64 queries (32 at D > 64) and 64-key chunks: registers and shared memory then stay
+    tile stays within 64 queries (32 at D > 32) and 64-key chunks: registers and shared memory then stay
     within an H100 block without spilling, for every window size.
     """
     B, H, W, NH, D = shape
@@ -425,7 +425,7 @@ def launch_config(shape, dtype, kernel, dilation=(1, 1), shift=(0, 0), blocked=F
     if max(H, W) >= 32768 or 3 * H * W * NH * D >= 2**31:
         raise Unsupported(f"one sample is too large for the kernels' int32 offsets ({where})")
     block_d = _pow2(D)
-    queries = 64 if D <= 64 else 32  # per tile: acc + q (+ dk, dv) stay in registers
+    queries = 64 if D <= 32 else 32  # per tile: acc + q (+ dk, dv) stay in registers without spilling
     if blocked:
         if kw > queries:
             raise Unsupported(f"a Swin window {kw} tokens wide exceeds a {queries}-query tile at D={D} ({where})")
@@ -455,7 +455,9 @@ def launch_config(shape, dtype, kernel, dilation=(1, 1), shift=(0, 0), blocked=F
                   CHUNK_ROWS=block_n // rw, PY=py, PX=px, PH=py + rh, PW=px + rw,
                   BLOCK_M=block_m, BLOCK_D=block_d, BLOCKED=blocked, HAS_RPB=has_rpb,
                   PRECISION="ieee" if dtype == torch.float32 else "tf32")
-    meta = dict(common, BLOCK_N=block_n, num_warps=4 if block_m >= 64 else 2, num_stages=1)
+    warps = 2 if block_m == 16 and D <= 32 else 8 if block_m == 32 and block_d == 64 else 4  # no spills
+    meta = dict(common, BLOCK_N=block_n, num_warps=warps,
+                num_stages=1)  # loads are gathers: no pipelining stages
     return (programs,), (tiles_y, tiles_x), {"fwd": meta, "dq": dict(meta), "dkdv": dict(meta)}
 
 
