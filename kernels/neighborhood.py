@@ -80,7 +80,7 @@ def neighborhood_attention2d(
     dilation: int | tuple[int, int] = 1,
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
     dilation_policy: str = "error",
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
@@ -91,7 +91,8 @@ def neighborhood_attention2d(
         kernel_size, dilation: ints or ``(height, width)`` pairs.
         rpb: additive relative position bias ``[heads, 2*kh-1, 2*kw-1]`` or None.
         scale: logit scale, default ``D ** -0.5``.
-        backend: ``"auto"`` (Triton for CUDA tensors it supports, else torch) | ``"torch"`` | ``"triton"``.
+        backend: ``"auto"`` (Triton for CUDA tensors it supports, else torch) | ``"torch"`` | ``"triton"``;
+            None (default): the switch's, :func:`kernels.use_backend`.
         dilation_policy: ``"error"`` or ``"reduce"`` when ``kernel_size*dilation`` exceeds a side.
         dropout_p: dropout on the attention weights (pass 0 in eval).
     Returns:

@@ -21,6 +21,8 @@ class NeighborhoodAttention2D(nn.Module):
     ``dilation_policy="reduce"`` the dilation is lowered instead where the input is too small for it.
     """
 
+    backend: str | None = None  # kernel backend override for this module; None follows kernels.use_backend
+
     def __init__(
         self,
         dim: int,
@@ -33,7 +35,6 @@ class NeighborhoodAttention2D(nn.Module):
         proj_drop: float = 0.0,
         rel_pos_bias: bool = True,
         dilation_policy: str = "error",
-        backend: str = "auto",
     ):
         super().__init__()
         if dim % num_heads:
@@ -41,7 +42,7 @@ class NeighborhoodAttention2D(nn.Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.kernel_size, self.dilation = kernel_size, dilation
         self.scale = qk_scale or self.head_dim**-0.5
-        self.dilation_policy, self.backend = dilation_policy, backend
+        self.dilation_policy = dilation_policy
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1)) if rel_pos_bias else None
         if self.rpb is not None:
