@@ -30,7 +30,7 @@ from .schedules import per_step, training_steps, warmup_cosine
 NETWORKS = ("smp", "unet", "swin_unetr")
 
 
-def build_network(network: str, backbone: BackboneSpec | dict, in_channels: int, num_classes: int, spatial_dims: int,
+def create_network(network: str, backbone: BackboneSpec | dict, in_channels: int, num_classes: int, spatial_dims: int,
                   decoder: str = "unet", net_kwargs: dict | None = None) -> nn.Module:
     """The segmentation network, logits ``[B, num_classes, *spatial]``.
 
@@ -178,7 +178,7 @@ class MedicalSegmentationModule(L.LightningModule):
         if network == "smp" and self.spatial_dims == 2 and context:
             raise ValueError("2-D images have no neighbouring slices: set model.context=0")
         channels = in_channels * (2 * context + 1) if self.slicewise else in_channels
-        self.net = build_network(network, backbone, channels, num_classes, 2 if network == "smp" else self.spatial_dims,
+        self.net = create_network(network, backbone, channels, num_classes, 2 if network == "smp" else self.spatial_dims,
                                  decoder, net_kwargs)
         self.volume_net = SliceWise(self.net, context) if self.slicewise else self.net
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, lambda_dice=lambda_dice,
@@ -283,3 +283,6 @@ class MedicalSegmentationModule(L.LightningModule):
         total, steps_per_epoch = training_steps(self.trainer)
         warmup = min(int(hp.warmup_epochs * steps_per_epoch), total // 2)
         return per_step(optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr))
+
+
+build_network = create_network  # the former name
