@@ -6,7 +6,15 @@ touches a GPU driver. No model code lives here.
 
 from .backend import BACKENDS, get_backend, use_backend
 from .bilevel_routing import bilevel_routing_attention
-from .neighborhood import fit_dilation, neighborhood_attention2d, neighborhood_indices
+from .neighborhood import (
+    fit_dilation,
+    merge_attentions,
+    neighborhood_attention,
+    neighborhood_attention1d,
+    neighborhood_attention2d,
+    neighborhood_attention3d,
+    neighborhood_indices,
+)
 from .window import swin_table_to_rpb, window_attention2d
 
 __all__ = [
@@ -14,7 +22,11 @@ __all__ = [
     "bilevel_routing_attention",
     "fit_dilation",
     "get_backend",
+    "merge_attentions",
+    "neighborhood_attention",
+    "neighborhood_attention1d",
     "neighborhood_attention2d",
+    "neighborhood_attention3d",
     "neighborhood_indices",
     "swin_table_to_rpb",
     "use_backend",

@@ -353,6 +353,16 @@ def test_quickstart_medical_step(compose_cfg, tmp_path, network):
     assert overlays and Image.open(overlays[0]).size[0] == 3 * 32 + 4 * 2  # image | truth | prediction
 
 
+def test_quickstart_medical_nat3d_step(compose_cfg, tmp_path):
+    """The 3-D neighborhood-attention U-Net recipe (model.network=nat_unet3d), shrunk."""
+    cfg = compose_cfg("train", ["experiment=quickstart_medical_nat3d", *QUICK, *_synthetic3d(tmp_path / "msd"),
+                                "data.patch_size=[16,16,16]", "model.net_kwargs.embed_dim=8"])
+    assert cfg.model.network == "nat_unet3d"
+    metrics, objects = train(cfg)
+    assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/dice"] <= 1
+    assert any(name.endswith("attn.rpb") for name, _ in objects["model"].net.named_parameters())
+
+
 def test_msd_spleen_recipe_step(compose_cfg, tmp_path):
     """The Decathlon recipe's transforms (spacing, CT window, foreground crop) on a Decathlon-layout task."""
     root = write_synthetic_decathlon(tmp_path / "Task09", **{**TINY3D, "num_classes": 2})

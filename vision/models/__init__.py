@@ -18,6 +18,7 @@ FAMILIES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.
 for _family in FAMILIES:
     importlib.import_module(f"{__name__}.{_family}")  # registers the family's variants with timm
 _FAMILIES = FAMILIES  # the former name
+from . import _trace  # noqa: E402,F401  (FX leaves; after the families it names)
 
 
 def list_models(pattern: str = "*") -> list[str]:

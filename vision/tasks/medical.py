@@ -27,7 +27,7 @@ from ..backbone import BackboneSpec
 from ..models import forget_state_dict
 from .schedules import per_step, training_steps, warmup_cosine
 
-NETWORKS = ("smp", "unet", "swin_unetr")
+NETWORKS = ("smp", "unet", "swin_unetr", "nat_unet3d")
 
 
 def create_network(network: str, backbone: BackboneSpec | dict, in_channels: int, num_classes: int, spatial_dims: int,
@@ -35,7 +35,8 @@ def create_network(network: str, backbone: BackboneSpec | dict, in_channels: int
     """The segmentation network, logits ``[B, num_classes, *spatial]``.
 
     ``smp``: ``smp.Unet`` or ``smp.FPN`` (``decoder``) on the timm backbone ``backbone`` (2-D);
-    ``unet`` / ``swin_unetr``: MONAI's, in ``spatial_dims`` dimensions. ``net_kwargs`` go to the network.
+    ``unet`` / ``swin_unetr``: MONAI's, in ``spatial_dims`` dimensions; ``nat_unet3d``: 3-D neighborhood
+    attention encoder + U-Net decoder (:class:`vision.models.nat_unet3d.NATUNet3D`). ``net_kwargs`` go to the network.
     """
     net_kwargs = dict(net_kwargs or {})
     if network == "smp":
@@ -65,6 +66,12 @@ def create_network(network: str, backbone: BackboneSpec | dict, in_channels: int
             raise ModuleNotFoundError("network=swin_unetr needs MONAI's optional dependency einops: pip install einops")
         return SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
                          **{"feature_size": 24, **net_kwargs})
+    if network == "nat_unet3d":
+        from ..models.nat_unet3d import NATUNet3D  # a whole network (like MONAI's), not a timm backbone
+
+        if spatial_dims != 3:
+            raise ValueError(f"network=nat_unet3d is 3-D; got a {spatial_dims}-D roi_size")
+        return NATUNet3D(in_channels, num_classes, **net_kwargs)
     raise ValueError(f"network={network!r}; expected one of {NETWORKS}")
 
 
@@ -140,7 +147,8 @@ class MedicalSegmentationModule(L.LightningModule):
         num_classes: including background (label 0). in_channels: image channels (modalities).
         roi_size: the training patch; sliding-window inference uses it as its window (2.5-D: in-plane
             window over all slices, so every slice sees its true neighbours).
-        network: ``smp`` (2-D/2.5-D on the backbone), ``unet`` or ``swin_unetr`` (MONAI); ``net_kwargs`` for it.
+        network: ``smp`` (2-D/2.5-D on the backbone), ``unet`` or ``swin_unetr`` (MONAI), ``nat_unet3d`` (3-D NAT
+            encoder + U-Net decoder); ``net_kwargs`` for it.
         decoder: ``unet`` or ``fpn`` (smp). context: neighbouring slices on each side (2.5-D).
         slices_per_patch: axial slices drawn per training patch (2.5-D); None uses all.
         lambda_dice, lambda_ce: DiceCE weights. sw_batch_size, sw_overlap: sliding-window inference.
