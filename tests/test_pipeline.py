@@ -67,9 +67,12 @@ def test_experiment_composes_and_instantiates(compose_cfg, experiment, config_na
 
 
 def runs_experiment(test_file: str, function: str, experiment: str) -> bool:
-    """Whether ``function`` in ``tests/<test_file>`` composes ``experiment=<experiment>``: literally, or through
+    """Whether ``function`` in ``test_file`` (under ``tests/``) composes ``experiment=<experiment>``: literally, or through
     an ``experiment={...}`` override with the name in its parametrize list."""
-    tree = ast.parse((ROOT / "tests" / test_file).read_text())
+    found = sorted((ROOT / "tests").rglob(test_file))  # wherever the file sits under tests/
+    if len(found) != 1:
+        return False
+    tree = ast.parse(found[0].read_text())
     test = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function), None)
     if test is None:
         return False
