@@ -28,6 +28,7 @@ STEPPED_ELSEWHERE = {
     "quickstart_medical2d": ("test_medical.py", "test_quickstart_medical2d_step"),
     "msd_spleen": ("test_medical.py", "test_msd_spleen_recipe_step"),
     "medmnist": ("test_medical.py", "test_medmnist_recipe_step"),
+    "quickstart_medical_nat3d": ("test_medical.py", "test_quickstart_medical_nat3d_step"),
     "quickstart": ("test_pipeline.py", "test_quickstart_learns"),
 }
 # Small, offline stand-ins for the data each experiment expects.

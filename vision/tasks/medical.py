@@ -36,7 +36,7 @@ def create_network(network: str, backbone: BackboneSpec | dict, in_channels: int
 
     ``smp``: ``smp.Unet`` or ``smp.FPN`` (``decoder``) on the timm backbone ``backbone`` (2-D);
     ``unet`` / ``swin_unetr``: MONAI's, in ``spatial_dims`` dimensions; ``nat_unet3d``: 3-D neighborhood
-    attention encoder + U-Net decoder (:class:`vision.models.nat_unet3d.NATUNet3D`). ``net_kwargs`` go to the network.
+    attention encoder + U-Net decoder (:class:`vision.heads.nat_unet3d.NATUNet3D`). ``net_kwargs`` go to the network.
     """
     net_kwargs = dict(net_kwargs or {})
     if network == "smp":
@@ -67,7 +67,7 @@ def create_network(network: str, backbone: BackboneSpec | dict, in_channels: int
         return SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
                          **{"feature_size": 24, **net_kwargs})
     if network == "nat_unet3d":
-        from ..models.nat_unet3d import NATUNet3D  # a whole network (like MONAI's), not a timm backbone
+        from ..heads.nat_unet3d import NATUNet3D  # a whole network (like MONAI's), not a timm backbone
 
         if spatial_dims != 3:
             raise ValueError(f"network=nat_unet3d is 3-D; got a {spatial_dims}-D roi_size")
