@@ -84,9 +84,11 @@ class DeformableTokenMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
         offset = self.conv_offset(x)
-        # torchvision's CPU kernel has no bf16: the merge runs in fp32 even under autocast
+        # torchvision's CPU kernel has no bf16: the merge runs in fp32 even under autocast, and its result goes
+        # back to the input's dtype so that the norm and later stages see the dtype of their weights (bf16 models)
+        dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            x = deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(), stride=2)
+            x = deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(), stride=2).to(dtype)
         return self.act(self.norm(x)).permute(0, 2, 3, 1)
 
 
