@@ -45,13 +45,14 @@ def fake_cuda():
         _MODES.pop()
 
 
-def to_cuda(module: nn.Module) -> nn.Module:
-    """``module.to("cuda")`` inside :func:`fake_cuda`, for a module built there or a real one (built on the CPU
-    beforehand, as the pipeline does: torchmetrics cannot build its states from fake tensors)."""
+def to_cuda(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """``module.to("cuda"[, dtype])`` inside :func:`fake_cuda`, for a module built there or a real one (built on
+    the CPU beforehand, as the pipeline does: torchmetrics cannot build its states from fake tensors)."""
     mode = _MODES[-1]
 
     def move(t):
-        return (t if isinstance(t, FakeTensor) else mode.from_tensor(t)).to("cuda")
+        t = (t if isinstance(t, FakeTensor) else mode.from_tensor(t)).to("cuda")
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     for sub in module.modules():
         for name, p in sub._parameters.items():
