@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-
 _MODES: list[FakeTensorMode] = []
 
 

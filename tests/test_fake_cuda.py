@@ -21,14 +21,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _fake_cuda import autocast, backward, fake_cuda, host_values, to_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchmetrics import Metric
 
 import kernels
-import vision
 from vision.models import _FAMILIES
-
-from _fake_cuda import autocast, backward, fake_cuda, host_values, to_cuda
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`:UserWarning")
 
