@@ -138,7 +138,6 @@ class NAT(PyramidBackbone):
         dilations = dilations or [[1] * d for d in depths]
         if [len(d) for d in dilations] != list(depths):
             raise ValueError(f"dilations {dilations} must list one dilation per block of depths {depths}")
-        self.output_fmt = "NHWC"
 
         self.stem = ConvTokenizer(in_chans, embed_dim, norm_layer)
         dpr = drop_path_rates(drop_path_rate, depths)
@@ -189,16 +188,15 @@ def _cfg(**kwargs) -> dict:
     return imagenet_cfg(first_conv="stem.proj.0", license="mit", **kwargs)
 
 
-# Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
+# Official ImageNet-1k releases, as linked from the official classification/NAT.md and DiNAT.md
+# (timm's transforms: ImageNet mean/std, bicubic, crop 0.875).
+_NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/{}.pth"
+_DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/{}_in1k_224.pth"
 default_cfgs = generate_default_cfgs({
-    "nat_mini.in1k": _cfg(paper_ids="arXiv:2204.07143"),
-    "nat_tiny.in1k": _cfg(paper_ids="arXiv:2204.07143"),
-    "nat_small.in1k": _cfg(paper_ids="arXiv:2204.07143"),
-    "nat_base.in1k": _cfg(paper_ids="arXiv:2204.07143"),
-    "dinat_mini.in1k": _cfg(paper_ids="arXiv:2209.15001"),
-    "dinat_tiny.in1k": _cfg(paper_ids="arXiv:2209.15001"),
-    "dinat_small.in1k": _cfg(paper_ids="arXiv:2209.15001"),
-    "dinat_base.in1k": _cfg(paper_ids="arXiv:2209.15001"),
+    **{f"nat_{s}.in1k": _cfg(url=_NAT_URL.format(f"nat_{s}"), paper_ids="arXiv:2204.07143")
+       for s in ("mini", "tiny", "small", "base")},
+    **{f"dinat_{s}.in1k": _cfg(url=_DINAT_URL.format(f"dinat_{s}"), paper_ids="arXiv:2209.15001")
+       for s in ("mini", "tiny", "small", "base")},
 })
 
 
