@@ -122,7 +122,7 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
     diagonal = ((extent * scale) ** 2).sum(-1).sqrt().to(hd.dtype).expand(hd.shape[0]).unsqueeze(1)
     missed = (label_1h[:, 1:].flatten(2).amax(-1) > 0) & (pred_1h[:, 1:].flatten(2).amax(-1) == 0)
     hd = torch.where(missed.to(hd.device), diagonal.expand_as(hd), hd)
-    return dice.float(), hd.float()
+    return dice.float(), hd.float().to(dice.device)  # MONAI may compute HD95 on the host; metrics sync on device
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +274,7 @@ class MedicalSegmentationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         dice = self._log_cases("val")
         if dice is not None and dice == dice:  # not NaN
-            self.val_dice_best(torch.tensor(dice))
+            self.val_dice_best(dice)  # a float: the metric puts it on its own device
         if self.val_dice_best.update_count:
             self.log("val/dice_best", self.val_dice_best.compute(), prog_bar=True)
 
