@@ -300,7 +300,8 @@ def neighborhood_attention(
     if backend == "triton" and not plain:
         raise ValueError("backend='triton' covers 2-D, stride 1, non-causal neighborhood attention without "
                          "additional keys or return_lse; use backend='torch'")
-    if plain and _checks.use_triton(q, backend, dropout_p=dropout_p):
+    why = _checks.windowed_unsupported(q, kernel, dilation, (0, 0), False) if plain else None
+    if plain and _checks.use_triton(q, backend, dropout_p=dropout_p, atomics=rpb is not None, unsupported=why):
         return _checks.triton_windowed.windowed_attention(q, k, v, rpb, kernel, dilation, (0, 0), False, scale)
 
     out, lse = _attend_tiles(q, k, v, kernel, stride, dilation, causal, scale, rpb, additional_keys,

@@ -79,7 +79,8 @@ def window_attention2d(
     if rpb is not None and tuple(rpb.shape) != (heads, 2 * wh - 1, 2 * ww - 1):
         raise ValueError(f"rpb must be [heads, 2w-1, 2w-1] = {[heads, 2 * wh - 1, 2 * ww - 1]}, got {list(rpb.shape)}")
     scale = D**-0.5 if scale is None else scale
-    if _checks.use_triton(q, backend, dropout_p=dropout_p):  # pads, rolls and masks inside the kernel
+    why = _checks.windowed_unsupported(q, (wh, ww), (1, 1), (sh, sw), True)
+    if _checks.use_triton(q, backend, dropout_p=dropout_p, atomics=rpb is not None, unsupported=why):  # pads, rolls and masks inside the kernel
         return _checks.triton_windowed.windowed_attention(q, k, v, rpb, (wh, ww), (1, 1), (sh, sw), True, scale)
 
     pad_h, pad_w = -H % wh, -W % ww

@@ -9,6 +9,7 @@ keys (``sample_seeds``) so its augmentations are a function of (seed, epoch, ind
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,20 +50,29 @@ def bad_sample_policy(on_bad_sample: str | None = "error", skip_corrupt: bool | 
 
 
 class BadSamples:
-    """The bad-sample policy and its counter, shared by a datamodule's datasets and their workers.
+    """The bad-sample policy and its count of skipped files, shared by a datamodule's datasets and their workers.
 
     ``read(load, index)`` returns ``load(index)``, or, when it raises :class:`BadSampleError` under
-    ``skip``, warns with the error and returns ``None`` (dropped by :func:`collate_skip_none`). The
-    counter lives in shared memory, so DataLoader workers add to the same count.
+    ``skip``, warns with the error and returns ``None`` (dropped by :func:`collate_skip_none`). :attr:`count`
+    counts files, not reads: a bad file read again in later epochs, or by the val and test splits of one
+    folder, counts once. The record lives in shared memory, so DataLoader workers add to the same count.
     """
+
+    SLOTS = 1 << 20  # a bitmap of (dataset, index) hashes: collisions are negligible for any real count
 
     def __init__(self, policy: str = "error"):
         self.policy = bad_sample_policy(policy)
-        self._count = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._seen = torch.zeros(self.SLOTS, dtype=torch.bool).share_memory_()
 
     @property
     def count(self) -> int:
-        return int(self._count.item())
+        return int(self._seen.sum())
+
+    @staticmethod
+    def _slot(load: Callable[[Any], Any], index: Any) -> int:
+        owner = getattr(load, "__self__", load)
+        where = getattr(owner, "root", None) or id(owner)  # ids survive the fork into workers
+        return zlib.crc32(f"{type(owner).__name__}|{where}|{index}".encode()) % BadSamples.SLOTS
 
     def read(self, load: Callable[[Any], Any], index: Any) -> Any:
         try:
@@ -70,8 +80,10 @@ class BadSamples:
         except BadSampleError as err:
             if self.policy == "error":
                 raise
-            self._count += 1
-            warnings.warn(f"skipping {err} (data.on_bad_sample=skip)", stacklevel=2)
+            slot = self._slot(load, index)
+            if not self._seen[slot]:
+                self._seen[slot] = True
+                warnings.warn(f"skipping {err} (data.on_bad_sample=skip)", stacklevel=2)
             return None
 
 
@@ -158,26 +170,47 @@ def seed_worker_transform(worker_id: int) -> None:
         transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    """Hidden files and folders (``.DS_Store``, macOS ``._name.jpg`` AppleDouble files, ``.ipynb_checkpoints``)
+    and macOS archives' ``__MACOSX`` folders are not data."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class sub-folders of ``root``, sorted by name (torchvision's ImageFolder order), hidden ones left out."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p, root))
+
+
 class ImageFolderDataset(TransformedDataset):
-    """Images in ``root/<class_name>/<file>``, classes sorted by name (torchvision's ImageFolder order)."""
+    """Images in ``root/<class_name>/<file>``, classes sorted by name (torchvision's ImageFolder order).
+
+    Hidden files and folders are ignored. A class folder without images is an error naming it, unless
+    ``allow_empty_classes`` (then the class exists, with no samples here).
+    """
 
     def __init__(self, root: str | Path, transform=None, in_chans: int = 3, bad_samples: BadSamples | None = None,
-                 classes: list[str] | None = None):
+                 classes: list[str] | None = None, allow_empty_classes: bool = False):
         super().__init__(transform, bad_samples)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
-        self.classes = classes or sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.classes = list(classes or class_folders(self.root))
         if not self.classes:
             raise FileNotFoundError(f"{self.root} has no class sub-folders; expected {self.root}/<class>/<image>")
         self.samples = [
             (path, label)
             for label, name in enumerate(self.classes)
             for path in sorted((self.root / name).rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() and not _hidden(path, self.root)
         ]
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+        counts = np.bincount([label for _, label in self.samples], minlength=len(self.classes))
+        empty = [name for name, n in zip(self.classes, counts) if n == 0]
+        if empty and not allow_empty_classes:
+            raise ValueError(
+                f"{self.root}: class folder(s) without images ({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty)}. "
+                "Remove them, add images, or keep them as classes with data.allow_empty_classes=true")
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans={in_chans}: image folders are read as grayscale (1) or RGB (3)")
         self.mode = "L" if in_chans == 1 else "RGB"

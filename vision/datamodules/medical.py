@@ -127,7 +127,7 @@ class DecathlonDataModule(_CaseDataModule):
         try:
             train_set, self.val_set, self.test_set = (
                 CacheDataset(split, self._transforms(train), cache_rate=hp.cache_rate,
-                             num_workers=max(1, hp.num_workers), progress=False)
+                             num_workers=max(1, self.num_workers), progress=False)
                 for split, train in zip(splits, (True, False, False))
             )
         except RuntimeError as err:
@@ -190,3 +190,11 @@ class MaskFolderDataModule(_CaseDataModule):
             for split, train in zip(splits, (True, False, False))
         )
         self.check_train_split()
+
+    def predict_transform(self):
+        """What ``predict.py`` applies to an ``HWC`` uint8 image: the evaluation transform."""
+        hp = self.hparams
+        mean, std = tuple(hp.mean), tuple(hp.std)
+        if len(mean) != hp.in_channels:
+            mean, std = (sum(mean) / len(mean),) * hp.in_channels, (sum(std) / len(std),) * hp.in_channels
+        return mask_transforms(False, hp.patch_size, mean, std)

@@ -248,6 +248,13 @@ class DetectionModule(L.LightningModule):
             optimizer, lambda step: warmup_schedule(step, total, warmup, hp.schedule, milestones, hp.gamma, min_ratio)
         )
 
+    # ---- prediction -----------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, list[dict[str, torch.Tensor]]]:
+        """The detector's ``[{boxes xyxy, labels 1..K, scores[, masks]}]`` for ``batch["image"]`` (float images
+        in [0, 1] at their original size: the detector resizes and normalises; ``predict.py``)."""
+        return {"detections": self.detector(list(batch["image"]))}
+
 
 def _metric_pred(pred: dict, segm: bool) -> dict:
     out = {"boxes": pred["boxes"].detach(), "scores": pred["scores"].detach(), "labels": pred["labels"]}

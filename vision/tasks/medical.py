@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -121,7 +122,7 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
     diagonal = ((extent * scale) ** 2).sum(-1).sqrt().to(hd.dtype).expand(hd.shape[0]).unsqueeze(1)
     missed = (label_1h[:, 1:].flatten(2).amax(-1) > 0) & (pred_1h[:, 1:].flatten(2).amax(-1) == 0)
     hd = torch.where(missed.to(hd.device), diagonal.expand_as(hd), hd)
-    return dice.float(), hd.float()
+    return dice.float(), hd.float().to(dice.device)  # MONAI may compute HD95 on the host; metrics sync on device
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +274,7 @@ class MedicalSegmentationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         dice = self._log_cases("val")
         if dice is not None and dice == dice:  # not NaN
-            self.val_dice_best(torch.tensor(dice))
+            self.val_dice_best(dice)  # a float: the metric puts it on its own device
         if self.val_dice_best.update_count:
             self.log("val/dice_best", self.val_dice_best.compute(), prog_bar=True)
 
@@ -292,5 +293,18 @@ class MedicalSegmentationModule(L.LightningModule):
         warmup = min(int(hp.warmup_epochs * steps_per_epoch), total // 2)
         return per_step(optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr))
 
+    # ---- prediction -----------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, list[torch.Tensor]]:
+        """Class-id masks ``[H, W]`` of 2-D images at their original size ``batch["size"]`` (sliding-window
+        logits of the evaluation transform's output ``batch["image"]``; ``predict.py``)."""
+        logits = self.predict(batch["image"])
+        masks = []
+        for i, size in enumerate(batch["size"].tolist()):
+            sample = logits[i : i + 1]
+            if list(sample.shape[2:]) != size:
+                sample = F.interpolate(sample.float(), size=size, mode="bilinear", align_corners=False)
+            masks.append(sample.argmax(1)[0])
+        return {"masks": masks}
 
 build_network = create_network  # the former name
