@@ -1,7 +1,7 @@
 """NAT-UNet 3-D: volumetric segmentation with a 3-D neighborhood-attention encoder under a U-Net decoder.
 
-A whole segmentation network (like MONAI's UNet / SwinUNETR), not a timm backbone family (hence the ``_`` name:
-``vision.models`` does not import it as a family); the medical task builds it by name (``model.network=nat_unet3d``). The encoder is NAT's recipe in 3-D: a strided conv stem, stages of
+A whole segmentation network (like MONAI's UNet / SwinUNETR), not a timm backbone: the medical task builds it
+by name (``model.network=nat_unet3d``). The encoder is NAT's recipe in 3-D: a strided conv stem, stages of
 pre-norm blocks (3-D neighborhood attention with NAT's relative position bias, then an MLP) on the channels-last
 volume ``[B, D, H, W, C]``, strided convs between stages; dilations alternate per block as in DiNAT, lowered
 where a stage's volume is too small for them. The decoder upsamples with transposed convs and fuses each
