@@ -1,4 +1,4 @@
-"""What timm's own model tests check, beyond the shared battery (tests/test_models.py), written as our own:
+"""What timm's own model tests check, beyond the shared battery (tests/models/test_models.py), written as our own:
 default-cfg consistency, ``forward_intermediates`` options, ``features_only`` with ``out_indices``, grad
 checkpointing in training mode, FX tracing (timm's leaves), ``torch.export`` with dynamic height/width, ONNX
 against eager, and pretrained weights by name served from a ``file://`` URL through timm's download path.
@@ -14,13 +14,12 @@ import re
 import pytest
 import timm
 import torch
+from _fixtures import load
 from timm.data import resolve_model_data_config
 from timm.models import create_feature_extractor, get_graph_node_names
 from torch.export import Dim
 
 import vision
-
-from _fixtures import load
 
 MODELS = vision.list_models()
 _RANK = ("mini", "tiny", "small", "medium", "base", "large")
