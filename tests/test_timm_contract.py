@@ -53,6 +53,15 @@ def test_smallest_per_family():
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_pretrained_cfg_fields(name):
+    cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    assert cfg["first_conv"] and cfg["classifier"] and cfg["num_classes"] == 1000
+    assert cfg["input_size"] == (3, 224, 224) and 0 < cfg["crop_pct"] <= 1 and len(cfg["mean"]) == len(cfg["std"]) == 3
+    if cfg["url"]:  # an official download: https, an ImageNet tag, a file name for timm's cache
+        assert cfg["url"].startswith("https://") and cfg["tag"] == "in1k" and cfg["url"].endswith(".pth"), cfg
+
+
+@pytest.mark.parametrize("name", SMALLEST)
 def test_default_cfg_is_consistent(name):
     with torch.device("meta"):
         model = timm.create_model(name)
@@ -66,8 +75,6 @@ def test_default_cfg_is_consistent(name):
     data = resolve_model_data_config(model)
     for key in ("input_size", "interpolation", "mean", "std", "crop_pct"):
         assert tuple(data[key]) == tuple(cfg[key]) if isinstance(cfg[key], tuple) else data[key] == cfg[key]
-    if cfg["url"]:  # an official download: https, an ImageNet tag
-        assert cfg["url"].startswith("https://") and cfg["tag"] == "in1k", cfg
 
 
 @pytest.mark.parametrize("name", SMALLEST)

@@ -55,8 +55,9 @@ class NeighborhoodAttention2D(nn.Module):
         configured (the policy may lower the dilation instead)."""
         B, H, W, C = x.shape
         min_side = self.kernel_size * (self.dilation if self.dilation_policy == "error" else 1)
-        pad_h, pad_w = max(0, min_side - H), max(0, min_side - W)
-        if pad_h or pad_w:
+        # sym_max, and always padding for symbolic sizes: one torch.export graph serves every input size
+        pad_h, pad_w = torch.sym_max(0, min_side - H), torch.sym_max(0, min_side - W)
+        if not (isinstance(pad_h, int) and isinstance(pad_w, int)) or pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         return self.qkv(x).view(B, H + pad_h, W + pad_w, 3, self.num_heads, self.head_dim).unbind(3)
 
