@@ -12,7 +12,6 @@ import timm
 # Family modules: importing them registers their variants with timm.
 # (one line per family, keep alphabetical)
 from . import agent_deit, agent_pvt, agent_swin, biformer, dynamicvit, evit, l2vit, litv2, nat, vsa_swin  # noqa: F401
-from . import _trace  # noqa: F401,E402  (FX leaves; after the families it names)
 
 _FAMILIES = tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
@@ -41,3 +40,6 @@ def create_model(name: str, pretrained_file: str | None = None, **kwargs):
         kwargs.setdefault("pretrained_cfg_overlay", overlay)
         return timm.create_model(name, pretrained=True, **kwargs)
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+from . import _trace  # noqa: E402,F401  FX leaves for timm's feature_cls="fx" (see _trace.py)
