@@ -5,13 +5,25 @@ touches a GPU driver. No model code lives here.
 """
 
 from .bilevel_routing import bilevel_routing_attention
-from .neighborhood import fit_dilation, neighborhood_attention2d, neighborhood_indices
+from .neighborhood import (
+    fit_dilation,
+    merge_attentions,
+    neighborhood_attention,
+    neighborhood_attention1d,
+    neighborhood_attention2d,
+    neighborhood_attention3d,
+    neighborhood_indices,
+)
 from .window import swin_table_to_rpb, window_attention2d
 
 __all__ = [
     "bilevel_routing_attention",
     "fit_dilation",
+    "merge_attentions",
+    "neighborhood_attention",
+    "neighborhood_attention1d",
     "neighborhood_attention2d",
+    "neighborhood_attention3d",
     "neighborhood_indices",
     "swin_table_to_rpb",
     "window_attention2d",

@@ -44,14 +44,19 @@ def _from_regions(x: torch.Tensor, n: int, H: int, W: int) -> torch.Tensor:
 
 def _attend(q, k, v, index, key_valid, scale):
     """Chunk of query regions ``q [B, heads, c, P, Dqk]`` with routing ``index [B, heads, c, topk]`` against
-    all key regions ``k [B, heads, R, P, Dqk]``: gathers the routed regions' keys and values, then SDPA."""
+    all key regions ``k [B, heads, R, P, Dqk]``: gathers the routed regions' keys and values, then SDPA on
+    4-D tensors ``[B*heads, c, P, D]`` (regions as SDPA's head axis): on CPU a 5-D call takes the math path,
+    which materialises every attention matrix; the 4-D call reaches the fused kernel."""
     B, heads, c, P, _ = q.shape
     R, topk = k.shape[2], index.shape[-1]
     rows = (torch.arange(B * heads, device=q.device).view(B, heads, 1, 1) * R + index).flatten()
     # index_select (its backward is an index_add) rather than fancy indexing, whose backward is slow on CPU
-    ks, vs = (t.flatten(0, 2).index_select(0, rows).view(B, heads, c, topk * P, -1) for t in (k, v))
-    mask = key_valid[index].flatten(-2).unsqueeze(-2) if key_valid is not None else None  # [B, heads, c, 1, topk*P]
-    return F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, scale=scale)
+    ks, vs = (t.flatten(0, 2).index_select(0, rows).view(B * heads, c, topk * P, -1) for t in (k, v))
+    mask = None
+    if key_valid is not None:  # [B*heads, c, 1, topk*P]
+        mask = key_valid[index].view(B * heads, c, 1, topk * P)
+    out = F.scaled_dot_product_attention(q.flatten(0, 1), ks, vs, attn_mask=mask, scale=scale)
+    return out.view(B, heads, c, P, -1)
 
 
 def _torch_reference(q, k, v, index, n, scale, mask_padding, max_chunk_elements):
@@ -70,7 +75,9 @@ def _torch_reference(q, k, v, index, n, scale, mask_padding, max_chunk_elements)
         key_valid = _to_regions(valid, n)[0, 0, :, :, 0]  # [n², P]
 
     regions, P, topk = qr.shape[2], qr.shape[3], index.shape[-1]
-    per_region = B * heads * topk * P * (k.shape[-1] + v.shape[-1])  # gathered K/V elements per query region
+    # per query region: its gathered K/V and its attention matrix (the math path, e.g. under a mask or
+    # float64, materialises the logits and the weights)
+    per_region = B * heads * topk * P * (k.shape[-1] + v.shape[-1] + 2 * P)
     chunk = regions if symbolic else max(1, min(regions, max_chunk_elements // max(1, per_region)))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs = []
@@ -123,7 +130,8 @@ def bilevel_routing_attention(
         scale: logit scale, default ``Dqk ** -0.5`` (BiFormer passes ``qk_dim ** -0.5``).
         mask_padding: keep zero-padded keys (sizes not divisible by ``n_win``) out of the softmax.
         backend: ``"auto"`` (Triton for CUDA tensors it supports, else torch) | ``"torch"`` | ``"triton"``.
-        max_chunk_elements: torch backend only: bound on the gathered K/V elements held at once.
+        max_chunk_elements: torch backend only: bound on the elements held at once for a chunk of query
+            regions: their gathered K/V and their attention matrices.
     Returns:
         ``[B, H, W, heads, Dv]``.
     """

@@ -62,6 +62,27 @@ def test_topk_equal_to_all_regions_is_full_attention_over_regions():
         torch.testing.assert_close(layer(x), layer.proj(full), rtol=1e-5, atol=1e-6)
 
 
+def test_torch_reference_chunks_bound_the_attention_matrix(monkeypatch):
+    from kernels import bilevel_routing, bilevel_routing_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 13, 13, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    index = torch.arange(4).expand(1, 4, 4)  # top-k = all 4 regions (7x7 tokens each after padding 13 -> 14)
+    calls = []
+    attend = bilevel_routing._attend
+    monkeypatch.setattr(bilevel_routing, "_attend", lambda *a: calls.append(a[0].shape[2]) or attend(*a))
+    # room for every region's gathered K/V (4 regions x 2 heads x 196 keys x 16) but not their attention matrices
+    out = bilevel_routing_attention(q, k, v, index, 2, mask_padding=True, backend="torch", max_chunk_elements=4 * 6272)
+    assert calls == [1, 1, 1, 1]  # one query region per chunk
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    # masked padding with every region routed is plain attention over the 13x13 real tokens
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.flatten(1, 2).transpose(1, 2) for t in (q, k, v)))
+    ref = ref.transpose(1, 2).unflatten(1, (13, 13))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for grad, ref_grad in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
 def tiny_from_fixture():
     fx = load("biformer_tiny_model")
     kw = fx["meta"]["kwargs"]

@@ -44,6 +44,32 @@ def test_deformable_token_merging_matches_official():
     torch.testing.assert_close(grad, fx["grad_input"], rtol=1e-4, atol=1e-5)
 
 
+def _deformable_merging(dim: int = 4, seed: int = 0) -> DeformableTokenMerging:
+    """A small merging layer whose offsets are non-zero (the official init makes them zero)."""
+    torch.manual_seed(seed)
+    layer = DeformableTokenMerging(dim, 2 * dim)
+    torch.nn.init.normal_(layer.conv_offset.weight, std=0.3)
+    torch.nn.init.normal_(layer.conv_offset.bias, std=0.3)
+    return layer
+
+
+def test_deformable_token_merging_gradcheck_float64():
+    layer = _deformable_merging().double()
+    x = torch.randn(2, 6, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert layer(x).dtype == torch.float64  # merged in the input's precision, not cast to fp32
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+
+
+def test_deformable_token_merging_runs_with_bf16_weights():
+    layer = _deformable_merging().eval()
+    x = torch.randn(2, 6, 6, 4)
+    with torch.no_grad():
+        ref = layer(x)
+        out = layer.to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
 def test_small_model_matches_official(tmp_path):
     fx = load("litv2_small_model")
     kw = fx["meta"]["kwargs"]

@@ -11,18 +11,11 @@ import torch
 from _resume import assert_resumes_mid_epoch
 from PIL import Image
 
-from vision.datamodules.medical import (
-    DecathlonDataModule,
-    InvalidCaseError,
-    MaskFolderDataModule,
-    MedMNISTDataModule,
-    check_case,
-    load_case_transform,
-    read_medmnist,
-    split_cases,
-    write_synthetic_decathlon,
-    write_synthetic_masks,
-)
+from vision.datamodules.classification import MedMNISTDataModule
+from vision.datamodules.medical import DecathlonDataModule, MaskFolderDataModule
+from vision.datamodules.readers import InvalidCaseError, check_case, read_medmnist, split_cases
+from vision.datamodules.synthetic import write_synthetic_decathlon, write_synthetic_masks
+from vision.datamodules.transforms import load_case_transform
 from vision.tasks.medical import (
     MedicalSegmentationModule,
     SliceWise,
@@ -358,6 +351,16 @@ def test_quickstart_medical_step(compose_cfg, tmp_path, network):
     trainer = objects["trainer"]  # fast_dev_run swaps the CSV logger for a dummy: PNGs go to the run's root
     overlays = list(Path(trainer.log_dir or trainer.default_root_dir).glob("medical_overlays/*.png"))
     assert overlays and Image.open(overlays[0]).size[0] == 3 * 32 + 4 * 2  # image | truth | prediction
+
+
+def test_quickstart_medical_nat3d_step(compose_cfg, tmp_path):
+    """The 3-D neighborhood-attention U-Net recipe (model.network=nat_unet3d), shrunk."""
+    cfg = compose_cfg("train", ["experiment=quickstart_medical_nat3d", *QUICK, *_synthetic3d(tmp_path / "msd"),
+                                "data.patch_size=[16,16,16]", "model.net_kwargs.embed_dim=8"])
+    assert cfg.model.network == "nat_unet3d"
+    metrics, objects = train(cfg)
+    assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/dice"] <= 1
+    assert any(name.endswith("attn.rpb") for name, _ in objects["model"].net.named_parameters())
 
 
 def test_msd_spleen_recipe_step(compose_cfg, tmp_path):

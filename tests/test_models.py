@@ -98,7 +98,8 @@ def test_timm_contract(name):
         torch.testing.assert_close(final, feats)
         assert len(intermediates) == len(model.feature_info)
         state = model.state_dict()
-        assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
+        first_convs = (cfg["first_conv"],) if isinstance(cfg["first_conv"], str) else cfg["first_conv"]  # timm: str or tuple
+        assert cfg["classifier"] + ".weight" in state and all(c + ".weight" in state for c in first_convs)
         model.reset_classifier(0)
         assert model(x).shape == (2, model.num_features)
         model.reset_classifier(0, "")

@@ -22,15 +22,15 @@ from torch.export import Dim
 import vision
 
 MODELS = vision.list_models()
-_RANK = ("mini", "tiny", "small", "medium", "base", "large")
+_RANK = {"mini": 0, "t": 1, "tiny": 1, "s": 2, "small": 2, "m": 3, "medium": 3, "b": 4, "base": 4, "l": 5, "large": 5}
 
 
 def _smallest_per_family(names: list[str]) -> list[str]:
+    """By the variant suffix (``_tiny``, ``_s``, ...); other suffixes (``_48m``) after the named sizes."""
     families: dict[str, list[str]] = {}
     for name in names:
-        family, _, size = name.rpartition("_")
-        families.setdefault(family, []).append(name)
-    return sorted(min(v, key=lambda n: _RANK.index(n.rpartition("_")[2])) for v in families.values())
+        families.setdefault(name.rpartition("_")[0], []).append(name)
+    return sorted(min(v, key=lambda n: (_RANK.get(n.rpartition("_")[2], 99), n)) for v in families.values())
 
 
 SMALLEST = _smallest_per_family(MODELS)
@@ -46,8 +46,8 @@ def image(height: int = 64, width: int = 64, batch: int = 2) -> torch.Tensor:
 
 
 def test_smallest_per_family():
-    assert _smallest_per_family(["nat_base", "nat_mini", "dinat_tiny", "dinat_small", "x_deit_small"]) == [
-        "dinat_tiny", "nat_mini", "x_deit_small"]
+    assert _smallest_per_family(["nat_base", "nat_mini", "dinat_tiny", "dinat_small", "x_deit_small", "v_48m",
+                                 "v_s"]) == ["dinat_tiny", "nat_mini", "v_s", "x_deit_small"]
     assert len(SMALLEST) == len({n.rpartition("_")[0] for n in MODELS})
 
 

@@ -10,7 +10,7 @@ M maps on the module's grid), which :class:`vision.callbacks.AttentionMaps` draw
 from .agent import AgentAttention, ClassAgentAttention
 from .hilo import HiLoAttention
 from .linear import LinearAttention
-from .neighborhood import NeighborhoodAttention2D
+from .neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from .pruning import ClassScoredAttention, keep_attentive_tokens
 from .routing import AttentionLePE, BiLevelRoutingAttention
 from .vsa import VSAWindowAttention
@@ -24,7 +24,9 @@ __all__ = [
     "ClassScoredAttention",
     "HiLoAttention",
     "LinearAttention",
+    "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
+    "NeighborhoodAttention3D",
     "VSAWindowAttention",
     "WindowAttention",
     "keep_attentive_tokens",

@@ -48,7 +48,8 @@ class BiLevelRoutingAttention(nn.Module):
         topk: routed regions per query region (clamped to the number of regions).
         side_dwconv: LePE kernel size (0 disables LePE).
         mask_padding: mask padded tokens out of the keys instead of the official unmasked padding.
-        max_chunk_elements: torch backend: bound on the gathered K/V elements held at once (sets the chunk size).
+        max_chunk_elements: torch backend: bound on the gathered K/V and attention-matrix elements held at once
+            (sets the chunk size).
         backend: token-attention backend of :func:`kernels.bilevel_routing_attention`.
     """
 

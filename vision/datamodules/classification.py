@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .classes import FASHION_MNIST_CLASSES
 from .datasets import (
     ArrayDataset,
     BadSamples,
@@ -19,6 +20,7 @@ from .datasets import (
     unwrap_subset,
 )
 from .loaders import SplitLoaders
+from .readers import read_medmnist
 from .transforms import backbone_eval_config, build_transforms
 
 
@@ -87,13 +89,8 @@ class ClassificationDataModule(SplitLoaders, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_datasets()
-            if len(self.train_set) < self.hparams.batch_size:  # drop_last would leave no training batch
-                raise ValueError(
-                    f"the training split has {len(self.train_set)} images, fewer than data.batch_size="
-                    f"{self.hparams.batch_size}; lower data.batch_size"
-                )
             self.seed = torch.initial_seed() % 2**31  # seed_everything's: the same on every rank
-            self.train_transform.set_random_seed(self.seed)  # main-process loading
+            self.check_train_split()
 
     @property
     def train_transform(self):
@@ -134,7 +131,7 @@ class FashionMNISTDataModule(ClassificationDataModule):
         "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
     }
-    CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+    CLASSES = FASHION_MNIST_CLASSES
 
     def __init__(self, root: str, val_size: int = 5000, train_subset: int | None = None, split_seed: int = 0,
                  **kwargs):
@@ -168,3 +165,33 @@ class FashionMNISTDataModule(ClassificationDataModule):
         val = ArrayDataset(images[val_idx], labels[val_idx], self.transforms(train=False), **kw)
         test = ArrayDataset(*self._read("test"), transform=self.transforms(train=False), **kw)
         return train, val, test
+
+
+class MedMNISTDataModule(ClassificationDataModule):
+    """MedMNIST ``root/<flag>[_<size>].npz`` with its own train/val/test splits, for ClassificationModule.
+
+    3-D sets (``organmnist3d`` ...) give their ``D`` slices as channels (``in_chans = D``), so any 2-D
+    backbone classifies them. ``train_subset`` trains on the first images only.
+    """
+
+    def __init__(self, root: str, flag: str, size: int | None = None, train_subset: int | None = None, **kwargs):
+        super().__init__(root, **kwargs)
+        self.flag, self.size, self.train_subset = flag, size, train_subset
+        self.path = self.root / (f"{flag}.npz" if size in (None, 28) else f"{flag}_{size}.npz")
+
+    def build_datasets(self):
+        splits = read_medmnist(self.path)
+        images, labels = splits["train"]
+        channels = images.shape[-1] if images.ndim == 4 else 1
+        if channels != self.in_chans:
+            raise ValueError(f"{self.path}: images have {channels} channels (slices for 3-D sets) but "
+                             f"data.in_chans={self.in_chans}")
+        for split, (_, y) in splits.items():
+            if y.min() < 0 or y.max() >= self.num_classes:
+                raise ValueError(f"{self.path}: {split}_labels span {y.min()}..{y.max()} but "
+                                 f"data.num_classes={self.num_classes}")
+        if self.train_subset:
+            images, labels = images[: self.train_subset], labels[: self.train_subset]
+        return (ArrayDataset(images, labels, self.transforms(train=True)),
+                ArrayDataset(*splits["val"], transform=self.transforms(train=False)),
+                ArrayDataset(*splits["test"], transform=self.transforms(train=False)))

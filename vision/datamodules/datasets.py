@@ -1,35 +1,39 @@
-"""Dataset readers: ImageNet-style image folders and in-memory arrays (Fashion-MNIST's idx files).
+"""Datasets: checked samples (from :mod:`.readers`) through a seeded transform, and their collate functions.
 
 Unusable samples follow one policy for every task (``data.on_bad_sample``): a reader raises
-:class:`BadSampleError` (or uses :func:`read_image` / :func:`check_mask` / :func:`check_boxes`, which do),
-and :class:`BadSamples` either re-raises it (``error``, the default) or drops the sample with a warning
-and a count (``skip``).
+:class:`~vision.datamodules.readers.BadSampleError`, and :class:`BadSamples` either re-raises it (``error``,
+the default) or drops the sample with a warning and a count (``skip``). Every dataset takes ``(index, seed)``
+keys (``sample_seeds``) so its augmentations are a function of (seed, epoch, index).
 """
 
 from __future__ import annotations
 
-import gzip
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, default_collate, get_worker_info
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+from .classes import IGNORE_INDEX
+from .readers import (  # noqa: F401  (BadSampleError ... read_idx re-exported: their public home was here)
+    IMAGE_EXTENSIONS,
+    BadSampleError,
+    CorruptImageError,
+    InvalidCaseError,
+    check_boxes,
+    check_mask,
+    label_lookup,
+    read_idx,
+    read_image,
+    read_sample,
+)
+
 BAD_SAMPLE_POLICIES = ("error", "skip")
-
-
-class BadSampleError(RuntimeError):
-    """A sample that cannot be used: unreadable or truncated image, empty or malformed annotation, a mask
-    with unexpected values. The message names the file."""
-
-
-class CorruptImageError(BadSampleError):
-    """An image file that cannot be decoded."""
 
 
 def bad_sample_policy(on_bad_sample: str | None = "error", skip_corrupt: bool | None = None) -> str:
@@ -70,36 +74,6 @@ class BadSamples:
             warnings.warn(f"skipping {err} (data.on_bad_sample=skip)", stacklevel=2)
             return None
 
-
-def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
-    """An image file as an ``HWC`` uint8 array; unreadable or truncated files raise :class:`CorruptImageError`."""
-    try:
-        with Image.open(path) as img:
-            image = np.asarray(img.convert(mode))
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise CorruptImageError(f"unreadable image {path}: {err}") from err
-    return image[..., None] if image.ndim == 2 else image
-
-
-def check_mask(mask: np.ndarray, allowed: Sequence[int], path: str | Path) -> np.ndarray:
-    """A label mask whose values are all in ``allowed`` (e.g. class ids plus an ignore index)."""
-    unexpected = np.setdiff1d(np.unique(mask), np.asarray(allowed))
-    if unexpected.size:
-        raise BadSampleError(f"mask {path} has unexpected values {unexpected[:8].tolist()} (allowed {list(allowed)})")
-    return mask
-
-
-def check_boxes(boxes: np.ndarray, path: str | Path, allow_empty: bool = False) -> np.ndarray:
-    """``[N, 4]`` finite ``x1, y1, x2, y2`` boxes with positive width and height."""
-    boxes = np.asarray(boxes, dtype=np.float32)
-    if boxes.size == 0 and not allow_empty:
-        raise BadSampleError(f"annotation {path} has no boxes")
-    boxes = boxes.reshape(-1, 4) if boxes.size == 0 else boxes
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise BadSampleError(f"annotation {path}: boxes of shape {list(boxes.shape)}, expected [N, 4]")
-    if not np.isfinite(boxes).all() or (boxes[:, 2:] <= boxes[:, :2]).any():
-        raise BadSampleError(f"annotation {path} has non-finite or empty boxes (x2 <= x1 or y2 <= y1)")
-    return boxes
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -231,18 +205,153 @@ class ArrayDataset(TransformedDataset):
         return self.images[index], int(self.labels[index])
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an idx file (the MNIST / Fashion-MNIST format), gzipped or not, as a numpy array."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file (bad magic number)")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    expected = int(np.prod(shape))
-    if len(data) - offset != expected:
-        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but holds {len(data) - offset}")
-    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
+# ---- semantic segmentation -----------------------------------------------------------------------------
+
+
+class SegmentationDataset(Dataset):
+    """``(image CHW float tensor, mask HW int64 tensor)`` for each ``(image path, mask path)`` pair."""
+
+    sample_seeds = True  # takes (index, seed) keys: augmentations resume mid-epoch with the data order
+
+    def __init__(
+        self,
+        samples: list[tuple[Path, Path]],
+        num_classes: int,
+        transform=None,
+        in_chans: int = 3,
+        reduce_zero_label: bool = False,
+        ignore_index: int = IGNORE_INDEX,
+        bad_samples: BadSamples | None = None,
+        label_map: dict[int, int] | None = None,
+    ):
+        if not 0 < num_classes < 255 or not 0 <= ignore_index <= 255 or ignore_index < num_classes:
+            raise ValueError(
+                f"num_classes={num_classes}, ignore_index={ignore_index}: masks are stored as uint8, "
+                "so need 0 < num_classes <= ignore_index <= 255"
+            )
+        self.samples, self.num_classes, self.transform = samples, num_classes, transform
+        self.in_chans, self.reduce_zero_label, self.ignore_index = in_chans, reduce_zero_label, ignore_index
+        self.bad_samples = bad_samples or BadSamples("error")
+        self.lookup = None if label_map is None else label_lookup(label_map, ignore_index)  # built once
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, mask_path = self.samples[index]
+        return read_sample(
+            image_path, mask_path, self.num_classes, self.in_chans, self.reduce_zero_label, self.ignore_index,
+            self.lookup,
+        )
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor] | None:
+        index, seed = split_key(key)
+        sample = self.bad_samples.read(self.load, index)  # None: skipped under data.on_bad_sample=skip
+        if sample is None:
+            return None
+        image, mask = sample
+        if self.transform is not None:
+            reseed(self.transform, seed)
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return torch.as_tensor(image), torch.as_tensor(mask).long()
+
+
+def collate_segmentation(batch: list[tuple[torch.Tensor, torch.Tensor]]):
+    """``(images [B, C, H, W], masks [B, h, w], sizes [B, 4])``: images padded at the bottom/right with 0 and
+    masks with the ignore index to the largest in the batch; ``sizes`` holds each sample's image and mask
+    ``(H, W, h, w)`` before padding (evaluation images are resized, their masks keep the original size).
+    Skipped samples (``None``) are left out; a batch with none left is ``None``, which Lightning skips."""
+    batch = [sample for sample in batch if sample is not None]
+    if not batch:
+        return None
+    images, masks = zip(*batch)
+    sizes = torch.tensor([[*i.shape[-2:], *m.shape[-2:]] for i, m in batch])
+    if all(i.shape == images[0].shape for i in images) and all(m.shape == masks[0].shape for m in masks):
+        return torch.stack(images), torch.stack(masks), sizes
+    height, width = sizes[:, 0].max().item(), sizes[:, 1].max().item()
+    mh, mw = sizes[:, 2].max().item(), sizes[:, 3].max().item()
+    images = torch.stack([F.pad(i, (0, width - i.shape[-1], 0, height - i.shape[-2])) for i in images])
+    masks = torch.stack(
+        [F.pad(m, (0, mw - m.shape[-1], 0, mh - m.shape[-2]), value=IGNORE_INDEX) for m in masks]
+    )
+    return images, masks, sizes
+
+
+# ---- medical: 3-D volumes (MONAI) and 2-D mask folders ----------------------------------------------------
+
+
+def collate_volumes(batch: list):
+    """MONAI's ``list_data_collate``: the patches a volume yields (``num_samples``) join the batch."""
+    from monai.data import list_data_collate
+
+    return list_data_collate(batch)
+
+
+class SeededVolumes(Dataset):
+    """A MONAI dataset taking ``(index, seed)`` keys: its random transforms are reseeded for each sample, so the
+    patches drawn depend on (seed, epoch, case) alone, not on workers or resumes."""
+
+    sample_seeds = True
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = split_key(key)
+        reseed(self.dataset.transform, seed)
+        return self.dataset[index]
+
+
+class MaskFolderDataset(Dataset):
+    """Image/mask pairs read with PIL, checked, then augmented by an albumentations ``transform``.
+
+    ``binary_masks``: masks are 0/255 drawings (values > 127 are foreground, JPEG noise tolerated);
+    otherwise mask values are class indices below ``num_classes``. ``bad_samples`` applies the bad-sample
+    policy (a skipped case is ``None``); keys may be ``(index, seed)`` pairs, reseeding the augmentation.
+    """
+
+    sample_seeds = True
+
+    def __init__(self, cases: list[dict], transform: A.Compose, num_classes: int, in_channels: int = 3,
+                 binary_masks: bool = True, bad_samples: BadSamples | None = None):
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels={in_channels}: images are read as grayscale (1) or RGB (3)")
+        self.cases, self.transform, self.num_classes = cases, transform, num_classes
+        self.mode, self.binary = ("L" if in_channels == 1 else "RGB"), binary_masks
+        self.bad_samples = bad_samples or BadSamples("error")
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, key) -> dict | None:
+        index, seed = split_key(key)
+        sample = self.bad_samples.read(self.load, index)
+        if sample is None:
+            return None
+        image, mask = sample
+        reseed(self.transform, seed)
+        out = self.transform(image=image, mask=mask)
+        return {"image": out["image"], "label": out["mask"][None].long(), "case": self.cases[index]["case"]}
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The checked ``(image HxWxC uint8, mask HxW class ids)`` of a case."""
+        case = self.cases[index]
+        image = read_image(case["image"], self.mode)
+        mask = read_image(case["label"], "L")[..., 0]
+        if image.shape[:2] != mask.shape:
+            raise InvalidCaseError(
+                f"case {case['case']}: image {case['image']} is {image.shape[:2]} but mask {case['label']} is {mask.shape}"
+            )
+        if self.binary:
+            mask = (mask > 127).astype(np.uint8)
+        elif mask.max() >= self.num_classes:
+            bad = sorted(int(v) for v in np.unique(mask) if v >= self.num_classes)
+            raise InvalidCaseError(
+                f"case {case['case']}: mask {case['label']} has values {bad[:10]} outside the classes "
+                f"0..{self.num_classes - 1} (data.num_classes={self.num_classes}; data.binary_masks=true for 0/255 masks)"
+            )
+        return image, mask

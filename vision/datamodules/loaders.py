@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from .datasets import sample_seed, seed_worker_transform
+from .datasets import sample_seed, seed_worker_transform, unwrap_subset
 
 
 class ResumableSampler(DistributedSampler):
@@ -121,6 +121,18 @@ class SplitLoaders:
     @property
     def train_seed(self) -> int:
         return torch.initial_seed() % 2**31  # seed_everything's: the same on every rank
+
+    def check_train_split(self) -> None:
+        """End of every ``setup``: refuse a training split smaller than one batch (``drop_last`` would leave no
+        batch), and seed the training transform for main-process loading (workers reseed their own copy)."""
+        if len(self.train_set) < self.hparams.batch_size:
+            raise ValueError(
+                f"the training split has {len(self.train_set)} images, fewer than data.batch_size="
+                f"{self.hparams.batch_size}; lower data.batch_size"
+            )
+        transform = getattr(unwrap_subset(self.train_set), "transform", None)
+        if hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(self.train_seed)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams

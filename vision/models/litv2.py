@@ -84,10 +84,12 @@ class DeformableTokenMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
         offset = self.conv_offset(x)
-        # torchvision's CPU kernel has no bf16: the merge runs in fp32 even under autocast
+        # torchvision's deformable conv has no bf16 kernel on CPU: half types merge in fp32 (also under
+        # autocast), fp32/fp64 in their own precision; the result goes back to the input's dtype
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         with torch.autocast(x.device.type, enabled=False):
-            x = deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(), stride=2)
-        return self.act(self.norm(x)).permute(0, 2, 3, 1)
+            out = deform_conv2d(x.to(dtype), offset.to(dtype), self.weight.to(dtype), self.bias.to(dtype), stride=2)
+        return self.act(self.norm(out.to(x.dtype))).permute(0, 2, 3, 1)
 
 
 class LITv2(PyramidBackbone):
