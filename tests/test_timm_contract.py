@@ -66,8 +66,9 @@ def test_default_cfg_is_consistent(name):
         model = timm.create_model(name)
     cfg = model.pretrained_cfg
     for key in ("first_conv", "classifier"):  # they name modules with weights (timm adapts them on load)
-        module = model.get_submodule(cfg[key])
-        assert isinstance(getattr(module, "weight", None), torch.Tensor), f"{name}: {key}={cfg[key]!r}"
+        for path in (cfg[key],) if isinstance(cfg[key], str) else cfg[key]:  # one name or several
+            module = model.get_submodule(path)
+            assert isinstance(getattr(module, "weight", None), torch.Tensor), f"{name}: {key}={path!r}"
     assert model.get_classifier() is model.get_submodule(cfg["classifier"])
     assert model.num_features == model.head_hidden_size == model.feature_info[-1]["num_chs"]
     assert getattr(model, "output_fmt", "NCHW") == "NCHW"  # what forward_features returns (checked below)
