@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", nargs="+", type=int, help="input px, default 224 512 1024 (CPU: 224)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default all (CPU: gather torch)")
     parser.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (CUDA uses do_bench)")
+    parser.add_argument("--quick", action="store_true", help="224 px in fp16 only (CUDA), unless given")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: method,size,stage,dtype in a subprocess
     args = parser.parse_args(argv)
@@ -157,8 +158,8 @@ def main(argv=None) -> int:
         name, size, stage, dtype = args.one.split(",")
         print(json.dumps(measure(name, int(size), int(stage), batch, DTYPES[dtype], device, args.repeats)))
         return 0
-    dtypes = args.dtypes or (["fp16", "fp32"] if cuda else ["fp32"])
-    sizes = args.sizes or ([224, 512, 1024] if cuda else [224])
+    dtypes = args.dtypes or (["fp16"] if cuda and args.quick else ["fp16", "fp32"] if cuda else ["fp32"])
+    sizes = args.sizes or ([224, 512, 1024] if cuda and not args.quick else [224])
     names = args.methods or (list(METHODS) if cuda else ["gather", "torch"])
 
     def run(name, size, stage, dtype):

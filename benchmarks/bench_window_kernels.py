@@ -159,8 +159,9 @@ def module_pair(kind, shape, ks, device, dtype):
     B, H, W, heads, D = shape
     dim = heads * D
     timm_attn = TimmWindowAttention(dim, heads, window_size=ks).to(device, dtype)
-    ours = (NeighborhoodAttention2D(dim, heads, kernel_size=ks, backend="triton") if kind == "na"
-            else WindowAttention(dim, heads, ks, ks // 2, rel_pos_bias=True, backend="triton")).to(device, dtype)
+    ours = (NeighborhoodAttention2D(dim, heads, kernel_size=ks) if kind == "na"
+            else WindowAttention(dim, heads, ks, ks // 2, rel_pos_bias=True)).to(device, dtype)
+    ours.backend = "triton"  # this module only; kernels.use_backend would switch every module
 
     def timm_run(x):
         windows = x.view(B, H // ks, ks, W // ks, ks, dim).transpose(2, 3).reshape(-1, ks * ks, dim)

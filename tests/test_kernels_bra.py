@@ -140,7 +140,8 @@ def test_biformer_bra_takes_the_fused_path_and_matches_official():
     through the fused kernels too."""
     from test_biformer import bra_from_fixture
 
-    layer, fx = bra_from_fixture("biformer_bra_layer_autopad_30x25", backend="triton")
+    layer, fx = bra_from_fixture("biformer_bra_layer_autopad_30x25")
+    layer.backend = "triton"
     layer.to(DEVICE)
     x = fx["input"].to(DEVICE).requires_grad_()
     out = layer(x)

@@ -5,9 +5,11 @@ per program, so the grids are small but cover several tiles, odd non-square size
 sizes, padding, shift and RPB. The reference always runs in fp32.
 """
 
+import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ NEIGHBORHOOD_CASES = [  # (B, H, W, heads, D), kernel_size, dilation, rpb, dtype
     ((1, 13, 10, 1, 16), 4, 2, True, torch.float32),  # even kernel, dilation, several tiles
     ((2, 12, 17, 1, 32), 5, (1, 3), False, torch.float32),
     ((1, 11, 9, 1, 16), (5, 3), (2, 1), True, torch.float16),
+    ((1, 12, 11, 1, 96), 7, 1, True, torch.float16),  # D > 64: 32-key chunks; 7x7 key rectangles in 4 steps
 ]
 WINDOW_CASES = [  # (B, H, W, heads, D), window_size, shift_size, rpb, dtype
     ((1, 10, 9, 2, 16), 4, 2, True, torch.float32),  # padded and shifted
@@ -33,6 +36,7 @@ WINDOW_CASES = [  # (B, H, W, heads, D), window_size, shift_size, rpb, dtype
     ((2, 15, 13, 1, 16), 7, 3, True, torch.float16),
     ((1, 6, 11, 2, 16), 2, 1, True, torch.float32),  # HiLo's 2x2 windows, many to a program
     ((1, 15, 14, 1, 16), 13, 6, True, torch.float32),  # 169-token windows: keys in several steps
+    ((1, 13, 15, 1, 80), 13, 4, True, torch.float32),  # D > 64: a window's rows split over 7 programs
 ]
 
 
@@ -160,3 +164,110 @@ def test_import_needs_no_gpu():
     code = ("import sys, torch, kernels; assert 'triton' in sys.modules; "
             "assert not torch.cuda.is_initialized(), 'importing kernels initialised CUDA'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+
+
+CONFIG_SHAPES = [  # (kind, kernel, dilation, D): every kernel size and head dim the models use, and the edges
+    *[("na", k, d, D) for k in (3, 5, 7, 9, 11, 13) for d in (1, 2) for D in (16, 32, 64, 128)],
+    *[("swin", w, 0, D) for w in (2, 3, 4, 7, 8, 12, 13, 16, 24) for D in (16, 32, 64, 96, 128)],
+]
+
+
+@pytest.mark.parametrize("kind,k,dilation,D", CONFIG_SHAPES)
+def test_launch_config_tiles_cover_every_query_once(kind, k, dilation, D):
+    """The config table, without a tensor: tiles of at most 64 queries (32 at D > 32) that fill tl.dot's 16 rows,
+    whole windows or whole rows of one window for Swin, and a 1-D grid of every (batch, head, group, tile)."""
+    tw = _checks.triton_windowed
+    blocked = kind == "swin"
+    shape = (2, 40, 37, 3, D)
+    grid, (tiles_y, tiles_x), metas = tw.launch_config(shape, torch.float16, (k, k), (dilation or 1,) * 2,
+                                                       (k // 2 if blocked else 0,) * 2, blocked, True)
+    meta = metas["fwd"]
+    assert set(metas) == {"fwd", "dq", "dkdv"} and len(grid) == 1
+    tqh, tqw, split = meta["TQH"], meta["TQW"], meta["SPLIT"]
+    assert 16 <= meta["BLOCK_M"] <= (64 if D <= 32 else 32) and tqh * tqw <= meta["BLOCK_M"]
+    assert meta["BLOCK_D"] >= D and meta["BLOCK_N"] <= 64 and meta["num_stages"] == 1
+    groups = 1 if blocked else dilation ** 2
+    assert grid[0] == shape[0] * shape[3] * groups * tiles_y * tiles_x
+    if blocked:
+        assert tqw % k == 0 and (split == 1 and tqh == k or tqw == k and tqh * split >= k > tqh * (split - 1))
+        assert (meta["RH"], meta["RW"]) == (k, tqw)
+        assert tiles_y == math.ceil(40 / k) * split and tiles_x * tqw >= math.ceil(37 / k) * k
+    else:
+        assert (tqh, tqw, meta["RH"], meta["RW"]) == (4, 4, k + 3, k + 3)
+        assert tiles_y * 4 >= math.ceil(40 / dilation) and tiles_x * 4 >= math.ceil(37 / dilation)
+
+
+def test_shapes_without_a_config_are_named_and_auto_falls_back():
+    tw = _checks.triton_windowed
+    with pytest.raises(tw.Unsupported, match=r"80 tokens wide.*\[1, 8, 80, 1, 16\]"):
+        tw.launch_config((1, 8, 80, 1, 16), torch.float16, (4, 80), (1, 1), (0, 0), True)
+    q = torch.randn(1, 8, 80, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"backend='triton'.*\[1, 8, 80, 1, 16\]"):
+        window_attention2d(q, q, q, (4, 80), backend="triton")
+    cuda_q = types.SimpleNamespace(is_cuda=True, shape=q.shape, dtype=torch.float16)  # stands in for a GPU tensor
+    assert _checks.use_triton(cuda_q, "auto") and not _checks.use_triton(cuda_q, "auto", unsupported="no tile")
+
+
+def test_deterministic_mode_refuses_the_rpb_atomics():
+    q, k, v, rpb = inputs((1, 8, 8, 1, 16), (5, 5), torch.float32)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="deterministic"):
+            neighborhood_attention2d(q, k, v, 3, rpb=rpb, backend="triton")
+        neighborhood_attention2d(q, k, v, 3, backend="triton")  # no bias gradient, no atomics
+        cuda_q = types.SimpleNamespace(is_cuda=True, shape=q.shape, dtype=q.dtype)
+        assert not _checks.use_triton(cuda_q, "auto", atomics=True) and _checks.use_triton(cuda_q, "auto",
+                                                                                            atomics=False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+COMPILE_FOR_H100 = r"""
+import inspect, os, re, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.triton_windowed as tw
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+KERNELS = {"fwd": tw._fwd_kernel, "dq": tw._bwd_dq_kernel, "dkdv": tw._bwd_dkdv_kernel}
+for shape, kernel, shift, blocked in [((8, 56, 56, 4, 32), (7, 7), (0, 0), False),  # the goal shape
+                                      ((32, 39, 39, 4, 64), (13, 13), (6, 6), True)]:  # overflowed smem before
+    _, _, metas = tw.launch_config(shape, torch.float16, kernel, (1, 1), shift, blocked, True)
+    for name, fn in KERNELS.items():
+        meta = metas[name]
+        names = list(inspect.signature(fn.fn).parameters)
+        first_stride = names.index("sqb")
+        sig = {n: "constexpr" if n in meta else ("*fp32" if n in ("LSE", "DELTA", "RPB", "DRPB") else "*fp16")
+               if i < first_stride else "fp32" if n == "qk_scale" else "i32" for i, n in enumerate(names)}
+        # as a launch specialises them: pointers, strides and D are multiples of 16
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if n not in meta and (i < first_stride or n == "D" or len(n) == 3 and n[0] == "s")}
+        constexprs = {(names.index(n),): v for n, v in meta.items() if n in names}
+        options = {k: meta[k] for k in ("num_warps", "num_stages")}
+        compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                                  options=options)
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+            open(ptx, "w").write(compiled.asm["ptx"])
+            open(cubin, "wb").write(compiled.asm["cubin"])
+            ptxas = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "-arch=sm_90a", ptx, "-o", cubin + ".o"],
+                                   capture_output=True, text=True, check=True).stderr
+            sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                                  check=True).stdout
+        spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill", ptxas))
+        where = f"{name} {shape} {kernel} blocked={blocked}"
+        print(where, "registers", re.search(r"Used (\d+) registers", ptxas).group(1), "spills", spills,
+              "smem", compiled.metadata.shared)
+        assert compiled.metadata.shared <= 232448, f"{where}: {compiled.metadata.shared} B of shared memory"
+        assert spills == 0, f"{where}: spills {spills} B"
+        assert "MEMBAR" not in sass, f"{where}: a memory fence"  # (wgmma's FENCE.VIEW.ASYNC is local)
+"""
+
+
+def test_kernels_compile_for_a_gpu():
+    """The interpreter is looser than the GPU compiler: compile the three kernels (fp16, with RPB) for sm_90
+    ahead of time for the goal shape and for 13x13 Swin windows at D=128, with Triton's bundled ptxas (no GPU),
+    and check what must never ship: shared memory beyond an H100 block, register spills, memory fences."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], check=True, env=env)

@@ -9,6 +9,7 @@ keys (``sample_seeds``) so its augmentations are a function of (seed, epoch, ind
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,20 +50,29 @@ def bad_sample_policy(on_bad_sample: str | None = "error", skip_corrupt: bool | 
 
 
 class BadSamples:
-    """The bad-sample policy and its counter, shared by a datamodule's datasets and their workers.
+    """The bad-sample policy and its count of skipped files, shared by a datamodule's datasets and their workers.
 
     ``read(load, index)`` returns ``load(index)``, or, when it raises :class:`BadSampleError` under
-    ``skip``, warns with the error and returns ``None`` (dropped by :func:`collate_skip_none`). The
-    counter lives in shared memory, so DataLoader workers add to the same count.
+    ``skip``, warns with the error and returns ``None`` (dropped by :func:`collate_skip_none`). :attr:`count`
+    counts files, not reads: a bad file read again in later epochs, or by the val and test splits of one
+    folder, counts once. The record lives in shared memory, so DataLoader workers add to the same count.
     """
+
+    SLOTS = 1 << 20  # a bitmap of (dataset, index) hashes: collisions are negligible for any real count
 
     def __init__(self, policy: str = "error"):
         self.policy = bad_sample_policy(policy)
-        self._count = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._seen = torch.zeros(self.SLOTS, dtype=torch.bool).share_memory_()
 
     @property
     def count(self) -> int:
-        return int(self._count.item())
+        return int(self._seen.sum())
+
+    @staticmethod
+    def _slot(load: Callable[[Any], Any], index: Any) -> int:
+        owner = getattr(load, "__self__", load)
+        where = getattr(owner, "root", None) or id(owner)  # ids survive the fork into workers
+        return zlib.crc32(f"{type(owner).__name__}|{where}|{index}".encode()) % BadSamples.SLOTS
 
     def read(self, load: Callable[[Any], Any], index: Any) -> Any:
         try:
@@ -70,8 +80,10 @@ class BadSamples:
         except BadSampleError as err:
             if self.policy == "error":
                 raise
-            self._count += 1
-            warnings.warn(f"skipping {err} (data.on_bad_sample=skip)", stacklevel=2)
+            slot = self._slot(load, index)
+            if not self._seen[slot]:
+                self._seen[slot] = True
+                warnings.warn(f"skipping {err} (data.on_bad_sample=skip)", stacklevel=2)
             return None
 
 
@@ -105,11 +117,12 @@ def reseed(transform, seed: int | None) -> None:
 
 
 class TransformedDataset(Dataset):
-    """Base for datasets that yield ``(transform(image=HWC uint8)["image"], label)``.
+    """Base of every dataset here: :meth:`load` a checked sample, then :meth:`apply` the transform to it.
 
-    ``bad_samples`` applies the bad-sample policy to :meth:`load`. An index may come as
-    ``(index, seed)`` (:class:`~vision.datamodules.loaders.ResumableSampler` with ``sample_seeds``):
-    the transform is then reseeded, so augmentations are a function of (seed, epoch, index).
+    ``bad_samples`` applies the bad-sample policy to :meth:`load` (a skipped sample is ``None``). An index may
+    come as ``(index, seed)`` (:class:`~vision.datamodules.loaders.ResumableSampler` with ``sample_seeds``):
+    the transform is then reseeded first, so augmentations are a function of (seed, epoch, index). The default
+    :meth:`apply` yields ``(transform(image=HWC uint8)["image"], label)``.
     """
 
     sample_seeds = True  # takes (index, seed) keys
@@ -125,16 +138,17 @@ class TransformedDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, int]:
         raise NotImplementedError
 
+    def apply(self, index: int, sample):
+        image, label = sample
+        return (image if self.transform is None else self.transform(image=image)["image"]), label
+
     def __getitem__(self, key):
         index, seed = split_key(key)
         sample = self.bad_samples.read(self.load, index)
         if sample is None:
             return None
-        image, label = sample
-        if self.transform is not None:
-            reseed(self.transform, seed)
-            image = self.transform(image=image)["image"]
-        return image, label
+        reseed(self.transform, seed)
+        return self.apply(index, sample)
 
 
 def collate_skip_none(batch):
@@ -156,26 +170,47 @@ def seed_worker_transform(worker_id: int) -> None:
         transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    """Hidden files and folders (``.DS_Store``, macOS ``._name.jpg`` AppleDouble files, ``.ipynb_checkpoints``)
+    and macOS archives' ``__MACOSX`` folders are not data."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class sub-folders of ``root``, sorted by name (torchvision's ImageFolder order), hidden ones left out."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p, root))
+
+
 class ImageFolderDataset(TransformedDataset):
-    """Images in ``root/<class_name>/<file>``, classes sorted by name (torchvision's ImageFolder order)."""
+    """Images in ``root/<class_name>/<file>``, classes sorted by name (torchvision's ImageFolder order).
+
+    Hidden files and folders are ignored. A class folder without images is an error naming it, unless
+    ``allow_empty_classes`` (then the class exists, with no samples here).
+    """
 
     def __init__(self, root: str | Path, transform=None, in_chans: int = 3, bad_samples: BadSamples | None = None,
-                 classes: list[str] | None = None):
+                 classes: list[str] | None = None, allow_empty_classes: bool = False):
         super().__init__(transform, bad_samples)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
-        self.classes = classes or sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.classes = list(classes or class_folders(self.root))
         if not self.classes:
             raise FileNotFoundError(f"{self.root} has no class sub-folders; expected {self.root}/<class>/<image>")
         self.samples = [
             (path, label)
             for label, name in enumerate(self.classes)
             for path in sorted((self.root / name).rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() and not _hidden(path, self.root)
         ]
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+        counts = np.bincount([label for _, label in self.samples], minlength=len(self.classes))
+        empty = [name for name, n in zip(self.classes, counts) if n == 0]
+        if empty and not allow_empty_classes:
+            raise ValueError(
+                f"{self.root}: class folder(s) without images ({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty)}. "
+                "Remove them, add images, or keep them as classes with data.allow_empty_classes=true")
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans={in_chans}: image folders are read as grayscale (1) or RGB (3)")
         self.mode = "L" if in_chans == 1 else "RGB"
@@ -208,10 +243,8 @@ class ArrayDataset(TransformedDataset):
 # ---- semantic segmentation -----------------------------------------------------------------------------
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(TransformedDataset):
     """``(image CHW float tensor, mask HW int64 tensor)`` for each ``(image path, mask path)`` pair."""
-
-    sample_seeds = True  # takes (index, seed) keys: augmentations resume mid-epoch with the data order
 
     def __init__(
         self,
@@ -229,9 +262,9 @@ class SegmentationDataset(Dataset):
                 f"num_classes={num_classes}, ignore_index={ignore_index}: masks are stored as uint8, "
                 "so need 0 < num_classes <= ignore_index <= 255"
             )
-        self.samples, self.num_classes, self.transform = samples, num_classes, transform
+        super().__init__(transform, bad_samples)
+        self.samples, self.num_classes = samples, num_classes
         self.in_chans, self.reduce_zero_label, self.ignore_index = in_chans, reduce_zero_label, ignore_index
-        self.bad_samples = bad_samples or BadSamples("error")
         self.lookup = None if label_map is None else label_lookup(label_map, ignore_index)  # built once
 
     def __len__(self) -> int:
@@ -244,14 +277,9 @@ class SegmentationDataset(Dataset):
             self.lookup,
         )
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor] | None:
-        index, seed = split_key(key)
-        sample = self.bad_samples.read(self.load, index)  # None: skipped under data.on_bad_sample=skip
-        if sample is None:
-            return None
+    def apply(self, index: int, sample) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = sample
         if self.transform is not None:
-            reseed(self.transform, seed)
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return torch.as_tensor(image), torch.as_tensor(mask).long()
@@ -306,7 +334,7 @@ class SeededVolumes(Dataset):
         return self.dataset[index]
 
 
-class MaskFolderDataset(Dataset):
+class MaskFolderDataset(TransformedDataset):
     """Image/mask pairs read with PIL, checked, then augmented by an albumentations ``transform``.
 
     ``binary_masks``: masks are 0/255 drawings (values > 127 are foreground, JPEG noise tolerated);
@@ -314,26 +342,19 @@ class MaskFolderDataset(Dataset):
     policy (a skipped case is ``None``); keys may be ``(index, seed)`` pairs, reseeding the augmentation.
     """
 
-    sample_seeds = True
-
     def __init__(self, cases: list[dict], transform: A.Compose, num_classes: int, in_channels: int = 3,
                  binary_masks: bool = True, bad_samples: BadSamples | None = None):
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels={in_channels}: images are read as grayscale (1) or RGB (3)")
-        self.cases, self.transform, self.num_classes = cases, transform, num_classes
+        super().__init__(transform, bad_samples)
+        self.cases, self.num_classes = cases, num_classes
         self.mode, self.binary = ("L" if in_channels == 1 else "RGB"), binary_masks
-        self.bad_samples = bad_samples or BadSamples("error")
 
     def __len__(self) -> int:
         return len(self.cases)
 
-    def __getitem__(self, key) -> dict | None:
-        index, seed = split_key(key)
-        sample = self.bad_samples.read(self.load, index)
-        if sample is None:
-            return None
+    def apply(self, index: int, sample) -> dict:
         image, mask = sample
-        reseed(self.transform, seed)
         out = self.transform(image=image, mask=mask)
         return {"image": out["image"], "label": out["mask"][None].long(), "case": self.cases[index]["case"]}
 

@@ -204,6 +204,15 @@ class ADE20KDataModule(SegmentationFolderDataModule):
             **kwargs,
         )
 
+    def samples(self, split: str) -> list[tuple[Path, Path]]:
+        if not (self.root / "images" / "training").is_dir():
+            raise FileNotFoundError(
+                f"data.root={self.root} is not the ADE20K (ADEChallengeData2016) folder: expected "
+                "images/{training,validation}/*.jpg and annotations/{training,validation}/*.png. Download "
+                "ADEChallengeData2016.zip from the MIT Scene Parsing benchmark (http://sceneparsing.csail.mit.edu), "
+                "unzip it and set data.root to the ADEChallengeData2016 folder (data/README.md)")
+        return super().samples(split)
+
 
 class CityscapesDataModule(SegmentationFolderDataModule):
     """Cityscapes: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with ``gtFine/<split>/<city>/`` masks.

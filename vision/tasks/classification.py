@@ -25,6 +25,14 @@ from .distillation import Distillation
 from .schedules import per_step, training_steps, warmup_cosine  # noqa: F401  (warmup_cosine re-exported)
 
 
+def to_channels_last(module: torch.nn.Module) -> None:
+    """NHWC memory layout for the 4-D (convolution) weights; other tensors keep theirs, so the option is safe
+    on any backbone (``Module.to(memory_format=...)`` fails on some attention models' 5-D parameters)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+
+
 class ClassificationModule(L.LightningModule):
     """Backbone by name (``timm.create_model``), AdamW (timm factory), per-step warmup + cosine.
 
@@ -85,7 +93,7 @@ class ClassificationModule(L.LightningModule):
 
     def _unpack(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = batch
-        if self.hparams.channels_last:
+        if self.hparams.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
 
@@ -96,7 +104,7 @@ class ClassificationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
-            self.to(memory_format=torch.channels_last)
+            to_channels_last(self)
         if self.hparams.compile and stage == "fit":
             self.model.compile()  # in place: parameter names (and so checkpoints) stay uncompiled-compatible
         if self.distill is not None and stage == "fit" and self.distill.teacher is None:
@@ -186,3 +194,12 @@ class ClassificationModule(L.LightningModule):
         total, steps_per_epoch = training_steps(self.trainer)
         warmup = min(int(hp.warmup_epochs * steps_per_epoch), total // 2)
         return per_step(optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr))
+
+    # ---- prediction -----------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Class probabilities ``[B, num_classes]`` of ``batch["image"]`` (``predict.py``: top-k with names)."""
+        images = batch["image"]
+        if self.hparams.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return {"probs": self.eval_model(images).float().softmax(-1)}

@@ -26,6 +26,7 @@ from ..heads.segmentation import (  # noqa: F401  (re-exported: their former hom
     SegmentationModel,
     create_segmentation_model,
 )
+from .classification import to_channels_last
 from .schedules import per_step, poly_warmup, training_steps  # noqa: F401  (poly_warmup re-exported)
 
 # ---- inference -------------------------------------------------------------------------------------------
@@ -54,6 +55,24 @@ def slide_inference(
             logits[..., y1:y2, x1:x2] += model(images[..., y1:y2, x1:x2])
             counts[..., y1:y2, x1:x2] += 1
     return logits / counts
+
+
+def crop_to_masks(
+    logits: torch.Tensor, masks: torch.Tensor, sizes: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits, mask)`` pairs to score: the whole batch when nothing was resized or padded, else one pair per
+    sample, its logits cropped to the image and resized to the mask's original size. ``sizes`` ``[B, 4]``
+    (image h, w, mask h, w, on the batch's device) is read once on the host: its values decide the crops."""
+    rows = sizes.tolist()
+    if logits.shape[-2:] == masks.shape[-2:] and all(row == [*masks.shape[-2:]] * 2 for row in rows):
+        return [(logits, masks)]
+    pairs = []
+    for i, (h, w, mh, mw) in enumerate(rows):
+        sample = logits[i : i + 1, :, :h, :w]
+        if (h, w) != (mh, mw):
+            sample = F.interpolate(sample, size=(mh, mw), mode="bilinear", align_corners=False)
+        pairs.append((sample, masks[i : i + 1, :mh, :mw]))
+    return pairs
 
 
 class SegmentationModule(L.LightningModule):
@@ -150,7 +169,7 @@ class SegmentationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
-            self.to(memory_format=torch.channels_last)
+            to_channels_last(self)
         if self.hparams.compile and stage == "fit":
             self.net.compile()
 
@@ -187,23 +206,13 @@ class SegmentationModule(L.LightningModule):
             return None
         images, masks, sizes = batch
         logits = self(self._images(images))
-        if logits.shape[-2:] == masks.shape[-2:] and (sizes == torch.tensor([*masks.shape[-2:]] * 2)).all():
-            # nothing resized or padded
-            pairs = [(logits, masks)]
-        else:
-            pairs = []
-            for i, (h, w, mh, mw) in enumerate(sizes.tolist()):
-                sample = logits[i : i + 1, :, :h, :w]
-                if (h, w) != (mh, mw):
-                    sample = F.interpolate(sample, size=(mh, mw), mode="bilinear", align_corners=False)
-                pairs.append((sample, masks[i : i + 1, :mh, :mw]))
         predictions = []
-        for sample, target in pairs:
-            if (target != self.hparams.ignore_index).any():  # an all-ignored mask has no defined loss
-                loss_metric(
-                    F.cross_entropy(sample, target, ignore_index=self.hparams.ignore_index),
-                    (target != self.hparams.ignore_index).sum(),
-                )
+        for sample, target in crop_to_masks(logits, masks, sizes):
+            # summed loss over the labelled pixels, weighted by their count: an all-ignored mask adds nothing,
+            # and no per-sample host sync decides whether to score it
+            labelled = (target != self.hparams.ignore_index).sum()
+            loss = F.cross_entropy(sample, target, ignore_index=self.hparams.ignore_index, reduction="sum")
+            loss_metric(loss / labelled.clamp_min(1), labelled)
             prediction = sample.argmax(1)
             for metric in metrics:
                 metric(prediction, target)
@@ -258,6 +267,20 @@ class SegmentationModule(L.LightningModule):
         return per_step(
             optimizer, lambda step: poly_warmup(step, total, warmup, hp.warmup_ratio, hp.poly_power, hp.min_lr / hp.lr)
         )
+
+    # ---- prediction ---------------------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, list[torch.Tensor]]:
+        """Class-id masks ``[H, W]`` at each image's original size ``batch["size"]``; ``batch["image"]`` is the
+        evaluation transform's output, ``batch["input_size"]`` its size before any padding (``predict.py``)."""
+        logits = self(self._images(batch["image"]))
+        masks = []
+        for i, ((h, w), size) in enumerate(zip(batch["input_size"].tolist(), batch["size"].tolist())):
+            sample = logits[i : i + 1, :, :h, :w]
+            if [h, w] != size:
+                sample = F.interpolate(sample.float(), size=size, mode="bilinear", align_corners=False)
+            masks.append(sample.argmax(1)[0])
+        return {"masks": masks}
 
 
 def per_class_iou(confmat: torch.Tensor) -> torch.Tensor:

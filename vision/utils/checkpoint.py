@@ -16,6 +16,12 @@ from ..weights import UnsafeCheckpointError, load_checkpoint_file  # noqa: F401 
 log = logging.getLogger("vision")
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file in the same folder and renames it over the target, so a crash
     during a save leaves the previous file intact; reads with ``weights_only=True``."""
@@ -31,6 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file follows the umask like the rest
             os.replace(tmp, path)  # atomic on POSIX (same filesystem)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
