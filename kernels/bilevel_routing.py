@@ -124,7 +124,8 @@ def bilevel_routing_attention(
         q, k: ``[B, H, W, heads, Dqk]``; v: ``[B, H, W, heads, Dv]`` (strided views are fine).
         region_index: ``[B, n_win², topk]`` (one routing for all heads, as BiFormer) or
             ``[B, heads, n_win², topk]``: the key regions (row-major ids) each query region attends to. Ids
-            must lie in ``[0, n_win²)``; they are not checked (that would synchronise the GPU every call).
+            must lie in ``[0, n_win²)`` (the Triton path checks them with an asynchronous device
+            assert, no host synchronisation).
         n_win: regions per side.
         scale: logit scale, default ``Dqk ** -0.5`` (BiFormer passes ``qk_dim ** -0.5``).
         mask_padding: keep zero-padded keys (sizes not divisible by ``n_win``) out of the softmax.

@@ -1,4 +1,4 @@
-"""What timm's own model tests check, beyond the shared battery (tests/test_models.py), written as our own:
+"""What timm's own model tests check, beyond the shared battery (tests/models/test_models.py), written as our own:
 default-cfg consistency, ``forward_intermediates`` options, ``features_only`` with ``out_indices``, grad
 checkpointing in training mode, FX tracing (timm's leaves), ``torch.export`` with dynamic height/width, ONNX
 against eager, and pretrained weights by name served from a ``file://`` URL through timm's download path.
