@@ -8,7 +8,7 @@ backward, SGD step); times are medians over the rounds, divided by the model's G
 :func:`vision.zoo.gmacs`, pruning in effect), so a ratio below 1 means less time per multiply-add than timm's
 model. Peak memory: each model in a fresh process, after one warm-up step (lazy initialisation and library
 pages are not the step's memory), the growth of peak RSS over one inference batch and over one training step
-(glibc returns every large block at once, ``MALLOC_MMAP_THRESHOLD_``, so RSS follows live tensors).
+(glibc is told to unmap every block of 64 KiB or more when freed, so RSS follows live tensors; Linux only).
 Writes ``benchmarks/results/cpu_vs_timm.md``.
 
     python benchmarks/bench_cpu.py [--batch 4] [--threads 2] [--repeats 3] [--pairs nat_tiny:swin_tiny_patch4_window7_224]
@@ -17,6 +17,7 @@ Writes ``benchmarks/results/cpu_vs_timm.md``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -41,7 +42,6 @@ PAIRS = [  # (ours, timm's nearest model): each family's smallest and tiny varia
     ("agent_deit_tiny", DEIT_T), ("agent_deit_small", DEIT_S), ("evit_deit_tiny", DEIT_T), ("evit_deit_small", DEIT_S),
     ("dynamicvit_deit_small", DEIT_S), ("biformer_tiny", "convnext_nano"),
 ]
-MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # every block >= 64 KiB is mmapped, and unmapped when freed
 
 
 def build(name: str) -> torch.nn.Module:
@@ -114,6 +114,7 @@ def peak_growth(step) -> float:
 
 def peaks(name: str, batch: int) -> dict:
     """Peak memory of one inference batch and one training step, each after a warm-up (run in a fresh process)."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are unmapped when freed
     infer, train = steps(build(name), batch)
     infer()
     out = dict(infer=peak_growth(infer))
@@ -123,7 +124,7 @@ def peaks(name: str, batch: int) -> dict:
 
 
 def _subprocess(args: list[str], threads: int) -> dict:
-    env = dict(os.environ, **MMAP_ENV, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     done = subprocess.run([sys.executable, __file__, *args, "--threads", str(threads)], capture_output=True,
                           text=True, env=env)
     if done.returncode:
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
         return 0
 
     pairs = [tuple(p.split(":")) for p in args.pairs] if args.pairs else PAIRS
+    command = "python benchmarks/bench_cpu.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     rows, memory = [], {}
     for ours, base in pairs:
         times = _subprocess(["--times", f"{ours}:{base}", "--batch", str(args.batch), "--repeats", str(args.repeats)],
@@ -168,8 +170,12 @@ def main(argv=None) -> int:
                 memory[name] = _subprocess(["--peaks", name, "--batch", str(args.batch)], args.threads)
         rows.append(row(ours, base, times, memory))
         print(rows[-1], flush=True)
-    command = "python benchmarks/bench_cpu.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    text = "\n".join([
+        write_report(report(command, args, rows), args.out)  # after every pair: a long run keeps what it measured
+    return 0
+
+
+def report(command: str, args, rows: list[str]) -> str:
+    return "\n".join([
         "# Every family on CPU against timm's nearest model", "",
         f"`{command}`: batch {args.batch}, 224 px, fp32, {args.threads} threads, {args.repeats} interleaved rounds "
         f"after a warm-up (medians), torch {torch.__version__}.", "",
@@ -180,8 +186,6 @@ def main(argv=None) -> int:
         "| ours train ms/GMAC | ours train peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
     ])
-    write_report(text, args.out)
-    return 0
 
 
 if __name__ == "__main__":
