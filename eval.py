@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: ``python eval.py experiment=<name> ckpt_path=/path/to.ckpt`` (Hydra)."""
+"""Evaluate a checkpoint: ``python eval.py ckpt_path=/path/to.ckpt [key=value ...]`` (Hydra); the model and data
+configs come from the checkpoint, command-line ``model.*`` / ``data.*`` overrides apply on top."""
 
 import os
 from pathlib import Path

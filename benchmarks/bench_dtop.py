@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vision.models.dtop import VARIANTS, class_presence, create_dtop  # noqa: E402
+from vision.heads.dtop import VARIANTS, class_presence, create_dtop  # noqa: E402
 from vision.zoo import gmacs, write_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vision.callbacks import NonFiniteGuard
 from vision.tasks import ClassificationModule
-from vision.tasks.classification import warmup_cosine
+from vision.tasks.schedules import warmup_cosine
 
 BACKBONE = {"name": "resnet18", "drop_path_rate": 0.0, "kwargs": {"channels": [8, 8, 8, 8]}}
 

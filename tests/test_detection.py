@@ -23,7 +23,8 @@ from vision.datamodules import (
 )
 from vision.datamodules.detection import detection_transforms
 from vision.tasks import DetectionModule
-from vision.tasks.detection import DETECTORS, warmup_schedule
+from vision.tasks.detection import DETECTORS
+from vision.tasks.schedules import warmup_schedule
 
 TINY = {"name": "resnet18", "kwargs": {"channels": [8, 16, 32, 64]}}
 SCENES = {"train": 6, "val": 2, "test": 2}

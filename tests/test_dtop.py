@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from vision.models.dtop import VARIANTS, create_dtop, easy_tokens
+from vision.heads.dtop import VARIANTS, create_dtop, easy_tokens
 
 K = 5
 

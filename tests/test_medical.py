@@ -11,23 +11,16 @@ import torch
 from _resume import assert_resumes_mid_epoch
 from PIL import Image
 
-from vision.datamodules.medical import (
-    DecathlonDataModule,
-    InvalidCaseError,
-    MaskFolderDataModule,
-    MedMNISTDataModule,
-    check_case,
-    load_case_transform,
-    read_medmnist,
-    split_cases,
-    write_synthetic_decathlon,
-    write_synthetic_masks,
-)
+from vision.datamodules.classification import MedMNISTDataModule
+from vision.datamodules.medical import DecathlonDataModule, MaskFolderDataModule
+from vision.datamodules.readers import InvalidCaseError, check_case, read_medmnist, split_cases
+from vision.datamodules.synthetic import write_synthetic_decathlon, write_synthetic_masks
+from vision.datamodules.transforms import load_case_transform
 from vision.tasks.medical import (
     MedicalSegmentationModule,
     SliceWise,
-    build_network,
     case_metrics,
+    create_network,
     slice_stacks,
 )
 from vision.utils import train
@@ -332,9 +325,9 @@ def test_smp_on_a_registered_backbone_trains_slicewise(backbone):
         assert module.eval().predict(image).shape == (1, 2, 64, 64, 4)
 
 
-def test_build_network_rejects_unknown_names():
+def test_create_network_rejects_unknown_names():
     with pytest.raises(ValueError, match="network='nope'"):
-        build_network("nope", {"name": "resnet18"}, 1, 2, 3)
+        create_network("nope", {"name": "resnet18"}, 1, 2, 3)
     with pytest.raises(ValueError, match="set model.context=0"):
         MedicalSegmentationModule({"name": "resnet18"}, num_classes=2, roi_size=(32, 32), context=1)
 
@@ -358,6 +351,16 @@ def test_quickstart_medical_step(compose_cfg, tmp_path, network):
     trainer = objects["trainer"]  # fast_dev_run swaps the CSV logger for a dummy: PNGs go to the run's root
     overlays = list(Path(trainer.log_dir or trainer.default_root_dir).glob("medical_overlays/*.png"))
     assert overlays and Image.open(overlays[0]).size[0] == 3 * 32 + 4 * 2  # image | truth | prediction
+
+
+def test_quickstart_medical_nat3d_step(compose_cfg, tmp_path):
+    """The 3-D neighborhood-attention U-Net recipe (model.network=nat_unet3d), shrunk."""
+    cfg = compose_cfg("train", ["experiment=quickstart_medical_nat3d", *QUICK, *_synthetic3d(tmp_path / "msd"),
+                                "data.patch_size=[16,16,16]", "model.net_kwargs.embed_dim=8"])
+    assert cfg.model.network == "nat_unet3d"
+    metrics, objects = train(cfg)
+    assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/dice"] <= 1
+    assert any(name.endswith("attn.rpb") for name, _ in objects["model"].net.named_parameters())
 
 
 def test_msd_spleen_recipe_step(compose_cfg, tmp_path):
@@ -394,6 +397,6 @@ def test_smp_backbone_loads_a_local_pretrained_file(tmp_path):
     torch.save(source.state_dict(), tmp_path / "resnet18.pth")
     backbone = {"name": "resnet18", "pretrained_file": str(tmp_path / "resnet18.pth"),
                 "kwargs": {"channels": [8, 16, 32, 64]}}
-    net = build_network("smp", backbone, in_channels=3, num_classes=2, spatial_dims=2)
+    net = create_network("smp", backbone, in_channels=3, num_classes=2, spatial_dims=2)
     torch.testing.assert_close(dict(net.encoder.model.named_parameters())["layer4.1.conv2.weight"],
                                source.layer4[1].conv2.weight)

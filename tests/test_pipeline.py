@@ -1,6 +1,6 @@
 """The Hydra pipeline end to end: configs compose, every experiment trains a step, train→eval agree."""
 
-import re
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +13,23 @@ from vision.utils import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
-# Experiments of a task with its own data (detection, segmentation, medical) train a step in that task's
-# test file, on data made for it; the rest (classification on embedded or generated data) train one here.
+# Experiments of a task with its own data (detection, segmentation, medical) train a step in that task's test
+# file, on data made for it: the test named here (checked by test_experiments_stepped_elsewhere_really_run).
+# Every other experiment trains a step in test_experiment_fast_dev_run below.
 STEPPED_ELSEWHERE = {
-    name for name in EXPERIMENTS for test_file in (ROOT / "tests").glob("test_*.py")
-    if test_file.name != Path(__file__).name
-    and re.search(rf"experiment={name}\b|[\"']{name}[\"']", test_file.read_text())
+    "biformer_ade20k_upernet": ("test_segmentation_task.py", "test_ade20k_experiments"),
+    "nat_ade20k_upernet": ("test_segmentation_task.py", "test_ade20k_experiments"),
+    "dtop_ade20k": ("test_segmentation_task.py", "test_dtop_experiment_composes_and_trains_a_step"),
+    "quickstart_segmentation": ("test_segmentation_task.py", "test_quickstart_segmentation_trains_tests_and_draws"),
+    "biformer_coco_maskrcnn": ("test_detection.py", "test_coco_experiments_train_a_step"),
+    "nat_coco_retinanet": ("test_detection.py", "test_coco_experiments_train_a_step"),
+    "quickstart_detection": ("test_detection.py", "test_quickstart_detection_fast_dev_run_writes_previews"),
+    "quickstart_medical": ("test_medical.py", "test_quickstart_medical_step"),
+    "quickstart_medical2d": ("test_medical.py", "test_quickstart_medical2d_step"),
+    "msd_spleen": ("test_medical.py", "test_msd_spleen_recipe_step"),
+    "medmnist": ("test_medical.py", "test_medmnist_recipe_step"),
+    "quickstart_medical_nat3d": ("test_medical.py", "test_quickstart_medical_nat3d_step"),
+    "quickstart": ("test_pipeline.py", "test_quickstart_learns"),
 }
 # Small, offline stand-ins for the data each experiment expects.
 QUICK = ["trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0", "callbacks.rich_progress_bar=null"]
@@ -56,7 +67,31 @@ def test_experiment_composes_and_instantiates(compose_cfg, experiment, config_na
     assert datamodule.num_classes == cfg.model.num_classes
 
 
-@pytest.mark.parametrize("experiment", sorted(set(EXPERIMENTS) - STEPPED_ELSEWHERE))
+def runs_experiment(test_file: str, function: str, experiment: str) -> bool:
+    """Whether ``function`` in ``test_file`` (under ``tests/``) composes ``experiment=<experiment>``: literally, or through
+    an ``experiment={...}`` override with the name in its parametrize list."""
+    found = sorted((ROOT / "tests").rglob(test_file))  # wherever the file sits under tests/
+    if len(found) != 1:
+        return False
+    tree = ast.parse(found[0].read_text())
+    test = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function), None)
+    if test is None:
+        return False
+    strings = {n.value for n in ast.walk(test) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    parametrized = {n.value for d in test.decorator_list for n in ast.walk(d) if isinstance(n, ast.Constant)}
+    formatted = any(isinstance(n, ast.JoinedStr) and n.values and getattr(n.values[0], "value", None) == "experiment="
+                    for n in ast.walk(test))
+    return f"experiment={experiment}" in strings or (experiment in parametrized and formatted)
+
+
+def test_experiments_stepped_elsewhere_really_run():
+    assert set(STEPPED_ELSEWHERE) <= set(EXPERIMENTS), sorted(set(STEPPED_ELSEWHERE) - set(EXPERIMENTS))
+    missing = [name for name, (file, test) in STEPPED_ELSEWHERE.items() if not runs_experiment(file, test, name)]
+    assert not missing, f"these tests do not train the experiment they are listed for: {missing}"
+    assert not runs_experiment("test_detection.py", "test_coco_experiments_train_a_step", "quickstart")
+
+
+@pytest.mark.parametrize("experiment", sorted(set(EXPERIMENTS) - set(STEPPED_ELSEWHERE)))
 def test_experiment_fast_dev_run(compose_cfg, tmp_path, experiment):
     target = compose_cfg("train", [f"experiment={experiment}"]).data._target_
     cfg = compose_cfg("train", [f"experiment={experiment}", "trainer.fast_dev_run=true", *QUICK,
@@ -80,7 +115,8 @@ def test_train_then_eval_gives_same_test_accuracy(compose_cfg, tmp_path):
 
 def test_quickstart_learns(compose_cfg):
     """A short quickstart run on a subset is far above chance (10%)."""
-    cfg = compose_cfg("train", [*QUICK, "data.train_subset=2048", "trainer.max_epochs=2", "data.batch_size=64",
+    cfg = compose_cfg("train", ["experiment=quickstart", *QUICK, "data.train_subset=2048", "trainer.max_epochs=2",
+                                "data.batch_size=64",
                                 "trainer.limit_val_batches=4", "trainer.limit_test_batches=16",
                                 "callbacks.model_checkpoint=null"])
     metrics, _ = train(cfg)

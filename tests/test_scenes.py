@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from vision.datamodules.scenes import make_fashion_scenes, rle_decode, rle_encode
+from vision.datamodules.synthetic import make_fashion_scenes, rle_decode, rle_encode
 
 SPLITS = {"train": 6, "val": 3}
 
@@ -66,8 +66,8 @@ def test_bad_arguments(tmp_path, fashion_root):
 
 
 def test_overlap_limits_are_respected(fashion_root):
-    from vision.datamodules.datasets import read_idx
-    from vision.datamodules.scenes import _box_iou, render_scene
+    from vision.datamodules.readers import read_idx
+    from vision.datamodules.synthetic import _box_iou, render_scene
 
     garments = read_idx(fashion_root / "train-images-idx3-ubyte.gz")[:500]
     labels = read_idx(fashion_root / "train-labels-idx1-ubyte.gz")[:500]

@@ -8,18 +8,16 @@ import torch
 from _resume import assert_resumes_mid_epoch
 from PIL import Image
 
+from vision.datamodules.datasets import collate_segmentation
+from vision.datamodules.readers import SegmentationDataError, read_sample
 from vision.datamodules.segmentation import (
     ADE20KDataModule,
-    CatMaxRatioCrop,
     CityscapesDataModule,
     FashionScenesSegmentationDataModule,
-    SegmentationDataError,
     SegmentationFolderDataModule,
     VOCDataModule,
-    collate_segmentation,
-    fit_scale,
-    read_sample,
 )
+from vision.datamodules.transforms import CatMaxRatioCrop, fit_scale
 
 RNG = np.random.default_rng(0)
 SMALL = dict(
@@ -264,7 +262,7 @@ def test_cat_max_ratio_crop_rejects_single_class_crops():
 
 
 def test_training_crops_are_padded_with_the_ignore_index(tmp_path):
-    from vision.datamodules.segmentation import build_segmentation_transforms
+    from vision.datamodules.transforms import build_segmentation_transforms
 
     transform = build_segmentation_transforms(
         True, (0.5,) * 3, (0.5,) * 3, crop_size=(48, 48), scale=None, cat_max_ratio=1.0, photometric=True

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from vision.tasks.schedules import poly_warmup
 from vision.tasks.segmentation import (
     SegmentationModule,
     create_segmentation_model,
     per_class_iou,
-    poly_warmup,
     slide_inference,
 )
 

@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEPS = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 
 
 def sample(spec: dict):

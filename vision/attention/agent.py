@@ -34,7 +34,7 @@ __all__ = ["AgentAttention", "ClassAgentAttention", "split_official_qkv"]
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of the last two dims (align_corners=False, the F.interpolate default)."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    if all(isinstance(s, int) for s in size) and tuple(x.shape[-2:]) == tuple(size):  # symbolic (export): resample
         return x
     lead = x.shape[:-2]
     return F.interpolate(x.reshape(-1, 1, *x.shape[-2:]), size=size, mode="bilinear").view(*lead, *size)

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import random
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .run_record import last_checkpoint_callback
 
 
 class NonFiniteGuard(Callback):
@@ -77,47 +80,65 @@ class NonFiniteGuard(Callback):
 
 
 class Preemption(Callback):
-    """On SIGTERM (or SIGUSR1 outside SLURM) save ``last.ckpt`` and exit cleanly (status 0).
+    """On SIGINT (Ctrl-C), SIGTERM (or SIGUSR1 outside SLURM): save ``last.ckpt`` at the end of the running batch
+    and exit cleanly (status 0). A second SIGINT aborts at once.
 
     Lightning turns SIGTERM into a ``SIGTERMException`` at the end of the running batch, on every rank; this
-    saves the checkpoint then, next to the ``save_last`` ModelCheckpoint's, so ``ckpt_path=last`` resumes it.
+    routes SIGINT (and SIGUSR1) to the same handler and saves the checkpoint then, next to the ``save_last``
+    ModelCheckpoint's, so ``ckpt_path=last`` resumes it. DataLoader workers ignore both signals (a signal sent to
+    the whole process group, as job schedulers and Ctrl-C do, reaches them too): the main process decides.
     Under SLURM with auto-requeue, SIGUSR1 stays Lightning's: it saves ``hpc_ckpt_<n>.ckpt`` and requeues.
     """
 
     def __init__(self, dirpath: str | Path | None = None, filename: str = "last"):
         self.dirpath, self.filename = dirpath, filename
-        self._previous_usr1: Any = None
-
-    def _last_callback(self, trainer: L.Trainer) -> ModelCheckpoint | None:
-        return next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.save_last), None)
+        self._previous: dict[int, Any] = {}
+        self._received: str | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        term = signal.getsignal(signal.SIGTERM)  # Lightning's: marks the trainer as signalled
+        if not callable(term) or threading.current_thread() is not threading.main_thread():
+            return
         env = trainer._accelerator_connector.cluster_environment
         slurm_requeue = isinstance(env, SLURMEnvironment) and env.auto_requeue
-        if not slurm_requeue and hasattr(signal, "SIGUSR1"):
-            term = signal.getsignal(signal.SIGTERM)  # Lightning's: marks the trainer as signalled
-            if callable(term):
-                self._previous_usr1 = signal.signal(signal.SIGUSR1, term)
+        signals = [signal.SIGINT] + ([signal.SIGUSR1] if not slurm_requeue and hasattr(signal, "SIGUSR1") else [])
+
+        def stop(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and self._received is not None:
+                raise KeyboardInterrupt  # Ctrl-C twice: stop now, without a checkpoint
+            self._received = self._received or signal.Signals(signum).name
+            rank_zero_info(f"{signal.Signals(signum).name}: stopping after the running batch and saving last.ckpt"
+                           + (" (Ctrl-C again to abort at once)" if signum == signal.SIGINT else ""))
+            term(signum, frame)
+
+        def on_term(signum: int, frame: Any) -> None:
+            self._received = self._received or "SIGTERM"
+            term(signum, frame)
+
+        self._previous = {s: signal.signal(s, stop) for s in signals}
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_term)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_signal()
+        self._restore_signals()
 
-    def _restore_signal(self) -> None:
-        if self._previous_usr1 is not None:
-            signal.signal(signal.SIGUSR1, self._previous_usr1)
-            self._previous_usr1 = None
+    def _restore_signals(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_signal()
+        self._restore_signals()
         if not isinstance(exception, SIGTERMException):
             return  # other failures keep the last good checkpoint untouched
-        last = self._last_callback(trainer)
+        last = last_checkpoint_callback(trainer)
         dirpath = self.dirpath or (last.dirpath if last is not None else None) or trainer.default_root_dir
         path = str(Path(dirpath) / f"{self.filename}.ckpt")
         if last is not None:
             last.last_model_path = path  # its state in the checkpoint names this file as the last one
         trainer.save_checkpoint(path)
-        rank_zero_info(f"preempted at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {path}")
+        received, self._received = self._received or "a stop signal", None
+        rank_zero_info(f"preempted at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {path} "
+                       f"({received}); resume with the same command plus ckpt_path=last")
 
 
 class ResumeState(Callback):

@@ -1,18 +1,15 @@
-"""LightningDataModules, dataset readers and albumentations transforms."""
+"""Data, by concern: ``readers`` (files -> checked arrays, layouts), ``datasets`` (samples through seeded
+transforms, collate functions), ``transforms`` (augmentation pipelines), ``synthetic`` (the offline sets),
+``classes`` (label tables), ``loaders`` (resumable loaders shared by every datamodule), and one datamodule file
+per task (``classification``, ``detection``, ``segmentation``, ``medical``)."""
 
-from .classification import ClassificationDataModule, FashionMNISTDataModule, ImageFolderDataModule
-from .datasets import (
-    ArrayDataset,
-    BadSampleError,
-    BadSamples,
-    CorruptImageError,
-    ImageFolderDataset,
-    TransformedDataset,
-    check_boxes,
-    check_mask,
-    read_idx,
-    read_image,
+from .classification import (
+    ClassificationDataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    MedMNISTDataModule,
 )
+from .datasets import ArrayDataset, BadSamples, ImageFolderDataset, SegmentationDataset, TransformedDataset
 from .detection import (
     AnnotationError,
     CocoDetection,
@@ -22,25 +19,26 @@ from .detection import (
     read_coco,
 )
 from .loaders import ResumableLoader, ResumableSampler
-from .medical import (
-    DecathlonDataModule,
+from .medical import DecathlonDataModule, MaskFolderDataModule
+from .readers import (
+    BadSampleError,
+    CorruptImageError,
     InvalidCaseError,
-    MaskFolderDataModule,
-    MedMNISTDataModule,
-    write_synthetic_decathlon,
-    write_synthetic_masks,
+    SegmentationDataError,
+    check_boxes,
+    check_mask,
+    read_idx,
+    read_image,
 )
-from .scenes import make_fashion_scenes
 from .segmentation import (
     ADE20KDataModule,
     CityscapesDataModule,
     FashionScenesSegmentationDataModule,
-    SegmentationDataError,
     SegmentationDataModule,
-    SegmentationDataset,
     SegmentationFolderDataModule,
     VOCDataModule,
 )
+from .synthetic import make_fashion_scenes, write_synthetic_decathlon, write_synthetic_masks
 from .transforms import EvalConfig, backbone_eval_config, build_transforms
 
 __all__ = [

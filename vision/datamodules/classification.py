@@ -9,16 +9,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .classes import FASHION_MNIST_CLASSES
 from .datasets import (
     ArrayDataset,
     BadSamples,
     ImageFolderDataset,
     bad_sample_policy,
+    class_folders,
     collate_skip_none,
     read_idx,
     unwrap_subset,
 )
 from .loaders import SplitLoaders
+from .readers import read_medmnist
 from .transforms import backbone_eval_config, build_transforms
 
 
@@ -47,7 +50,7 @@ class ClassificationDataModule(SplitLoaders, L.LightningDataModule):
         image_size: int = 224,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         backbone: str | None = None,
@@ -61,6 +64,7 @@ class ClassificationDataModule(SplitLoaders, L.LightningDataModule):
         randaugment: dict | None = None,
         on_bad_sample: str = "error",
         skip_corrupt: bool | None = None,
+        allow_empty_classes: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -75,6 +79,16 @@ class ClassificationDataModule(SplitLoaders, L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.seed = 0
+        self._class_names: list[str] | None = None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class names in label order (saved in checkpoints for ``predict.py``); known after ``setup``."""
+        return self._class_names
+
+    def predict_transform(self):
+        """What ``predict.py`` applies to an ``HWC`` uint8 image: the evaluation transform."""
+        return self.transforms(train=False)
 
     def transforms(self, train: bool):
         hp = self.hparams
@@ -87,13 +101,8 @@ class ClassificationDataModule(SplitLoaders, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_datasets()
-            if len(self.train_set) < self.hparams.batch_size:  # drop_last would leave no training batch
-                raise ValueError(
-                    f"the training split has {len(self.train_set)} images, fewer than data.batch_size="
-                    f"{self.hparams.batch_size}; lower data.batch_size"
-                )
             self.seed = torch.initial_seed() % 2**31  # seed_everything's: the same on every rank
-            self.train_transform.set_random_seed(self.seed)  # main-process loading
+            self.check_train_split()
 
     @property
     def train_transform(self):
@@ -111,16 +120,37 @@ class ImageFolderDataModule(ClassificationDataModule):
                 "(the ImageNet layout; for ImageNet-1k, extract ILSVRC2012_img_train.tar into train/ and sort "
                 "the validation images into per-class folders under val/)"
             )
-        kw = dict(in_chans=self.in_chans, bad_samples=self.bad_samples)
-        train = ImageFolderDataset(self.root / "train", self.transforms(train=True), **kw)
-        if len(train.classes) != self.num_classes:
+        kw = dict(in_chans=self.in_chans, bad_samples=self.bad_samples,
+                  allow_empty_classes=self.hparams.allow_empty_classes)
+        classes = class_folders(self.root / "train")
+        train = ImageFolderDataset(self.root / "train", self.transforms(train=True), classes=classes, **kw)
+        if len(classes) != self.num_classes:
             raise ValueError(
-                f"{self.root / 'train'} has {len(train.classes)} class folders but data.num_classes={self.num_classes}"
+                f"{self.root / 'train'} has {len(classes)} class folders ({_names(classes)}) but "
+                f"data.num_classes={self.num_classes}"
             )
-        val = ImageFolderDataset(self.root / "val", self.transforms(train=False), classes=train.classes, **kw)
-        test_root = self.root / "test" if (self.root / "test").is_dir() else self.root / "val"
-        test = ImageFolderDataset(test_root, self.transforms(train=False), classes=train.classes, **kw)
+        splits = {"val": self.root / "val"}
+        if (self.root / "test").is_dir():
+            splits["test"] = self.root / "test"
+        for split, folder in splits.items():  # a label must mean the same class in every split
+            other = class_folders(folder)
+            missing, extra = sorted(set(classes) - set(other)), sorted(set(other) - set(classes))
+            if missing or extra:
+                raise ValueError(
+                    f"{folder} and {self.root / 'train'} have different class folders: "
+                    + "; ".join(f"{what} {split}/: {_names(names)}" for what, names in
+                                (("missing from", missing), ("only in", extra)) if names))
+        evaluation = dict(kw, allow_empty_classes=True)  # a class may have no images in a small val split
+        val = ImageFolderDataset(splits["val"], self.transforms(train=False), classes=classes, **evaluation)
+        test_root = splits.get("test", splits["val"])
+        test = ImageFolderDataset(test_root, self.transforms(train=False), classes=classes, **evaluation)
+        self._class_names = list(classes)
         return train, val, test
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class FashionMNISTDataModule(ClassificationDataModule):
@@ -134,7 +164,7 @@ class FashionMNISTDataModule(ClassificationDataModule):
         "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
     }
-    CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+    CLASSES = FASHION_MNIST_CLASSES
 
     def __init__(self, root: str, val_size: int = 5000, train_subset: int | None = None, split_seed: int = 0,
                  **kwargs):
@@ -167,4 +197,35 @@ class FashionMNISTDataModule(ClassificationDataModule):
         train = ArrayDataset(images[train_idx], labels[train_idx], self.transforms(train=True), **kw)
         val = ArrayDataset(images[val_idx], labels[val_idx], self.transforms(train=False), **kw)
         test = ArrayDataset(*self._read("test"), transform=self.transforms(train=False), **kw)
+        self._class_names = list(self.CLASSES)
         return train, val, test
+
+
+class MedMNISTDataModule(ClassificationDataModule):
+    """MedMNIST ``root/<flag>[_<size>].npz`` with its own train/val/test splits, for ClassificationModule.
+
+    3-D sets (``organmnist3d`` ...) give their ``D`` slices as channels (``in_chans = D``), so any 2-D
+    backbone classifies them. ``train_subset`` trains on the first images only.
+    """
+
+    def __init__(self, root: str, flag: str, size: int | None = None, train_subset: int | None = None, **kwargs):
+        super().__init__(root, **kwargs)
+        self.flag, self.size, self.train_subset = flag, size, train_subset
+        self.path = self.root / (f"{flag}.npz" if size in (None, 28) else f"{flag}_{size}.npz")
+
+    def build_datasets(self):
+        splits = read_medmnist(self.path)
+        images, labels = splits["train"]
+        channels = images.shape[-1] if images.ndim == 4 else 1
+        if channels != self.in_chans:
+            raise ValueError(f"{self.path}: images have {channels} channels (slices for 3-D sets) but "
+                             f"data.in_chans={self.in_chans}")
+        for split, (_, y) in splits.items():
+            if y.min() < 0 or y.max() >= self.num_classes:
+                raise ValueError(f"{self.path}: {split}_labels span {y.min()}..{y.max()} but "
+                                 f"data.num_classes={self.num_classes}")
+        if self.train_subset:
+            images, labels = images[: self.train_subset], labels[: self.train_subset]
+        return (ArrayDataset(images, labels, self.transforms(train=True)),
+                ArrayDataset(*splits["val"], transform=self.transforms(train=False)),
+                ArrayDataset(*splits["test"], transform=self.transforms(train=False)))

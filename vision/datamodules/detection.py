@@ -360,10 +360,7 @@ class CocoDetectionDataModule(SplitLoaders, L.LightningDataModule):
             self._dataset("test", self.categories)
         subset = self.hparams.train_subset
         self.train_set = Subset(train, range(min(subset, len(train)))) if subset else train
-        if len(self.train_set) < self.hparams.batch_size:
-            raise ValueError(f"the training split has {len(self.train_set)} images, fewer than data.batch_size="
-                             f"{self.hparams.batch_size}; lower data.batch_size")
-        train.transform.set_random_seed(torch.initial_seed() % 2**32)  # main-process loading
+        self.check_train_split()
 
     @property
     def class_names(self) -> list[str]:
@@ -411,7 +408,7 @@ class FashionScenesDetectionDataModule(CocoDetectionDataModule):
                                max_box_iou=max_box_iou, max_hidden=max_hidden)
 
     def prepare_data(self) -> None:
-        from .scenes import make_fashion_scenes
+        from .synthetic import make_fashion_scenes
 
         make_fashion_scenes(self.root, **self.scene_args)
 

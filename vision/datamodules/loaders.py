@@ -8,13 +8,34 @@ batches the interrupted run had already trained on, so a resumed run sees exactl
 
 from __future__ import annotations
 
+import os
+import signal
 import warnings
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from .datasets import sample_seed, seed_worker_transform
+from .datasets import sample_seed, seed_worker_transform, unwrap_subset
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use (its affinity mask, e.g. a job scheduler's allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_num_workers(limit: int = 8) -> int:
+    """``data.num_workers: null``: one loader worker per available core but one, at most ``limit``."""
+    return max(0, min(limit, available_cpus() - 1))
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM: Ctrl-C and a scheduler's SIGTERM reach the whole process
+    group, and the main process (:class:`~vision.callbacks.Preemption`) saves a checkpoint and shuts them down
+    itself. Each worker also gets its own augmentation RNG stream."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    seed_worker_transform(worker_id)
 
 
 class ResumableSampler(DistributedSampler):
@@ -122,13 +143,32 @@ class SplitLoaders:
     def train_seed(self) -> int:
         return torch.initial_seed() % 2**31  # seed_everything's: the same on every rank
 
+    @property
+    def num_workers(self) -> int:
+        """``num_workers`` (null: :func:`default_num_workers`, what the machine has)."""
+        workers = self.hparams.get("num_workers")
+        return default_num_workers() if workers is None else workers
+
+    def check_train_split(self) -> None:
+        """End of every ``setup``: refuse a training split smaller than one batch (``drop_last`` would leave no
+        batch), and seed the training transform for main-process loading (workers reseed their own copy)."""
+        if len(self.train_set) < self.hparams.batch_size:
+            raise ValueError(
+                f"the training split has {len(self.train_set)} images, fewer than data.batch_size="
+                f"{self.hparams.batch_size}; lower data.batch_size"
+            )
+        transform = getattr(unwrap_subset(self.train_set), "transform", None)
+        if hasattr(transform, "set_random_seed"):
+            transform.set_random_seed(self.train_seed)
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
+        workers = self.num_workers
         common = dict(
-            num_workers=hp.num_workers,
+            num_workers=workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            worker_init_fn=seed_worker_transform,
+            persistent_workers=hp.persistent_workers and workers > 0,
+            worker_init_fn=init_worker,
             collate_fn=self.collate_fn,
         )
         if train:

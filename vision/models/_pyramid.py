@@ -1,6 +1,7 @@
 """The timm model contract, written once for the four-stage pyramid backbones of this package.
 
-A family builds ``stem``, ``stages`` (each a :class:`Stage`), ``norm`` and ``feature_info``, then calls
+The shared parts (Swin-style :class:`PatchEmbed` and :class:`PatchMerging`, :class:`Stage`) live here, not in a
+sibling family. A family builds ``stem``, ``stages`` (each a :class:`Stage`), ``norm`` and ``feature_info``, then calls
 :meth:`PyramidBackbone.init_head`; this base supplies ``forward_features``, ``forward_head``,
 ``forward_intermediates``, ``reset_classifier``, grad checkpointing, layer-decay groups and pruning.
 ``channels_last = True`` marks families whose stages run on ``[B, H, W, C]`` (their outputs are
@@ -10,6 +11,7 @@ permuted to NCHW at the edges).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint
@@ -53,6 +55,36 @@ def drop_path_rates(rate: float, depths) -> list[list[float]]:
     total = sum(depths)
     rates = [rate * i / max(1, total - 1) for i in range(total)]
     return [rates[sum(depths[:i]): sum(depths[: i + 1])] for i in range(len(depths))]
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch x patch`` conv (input zero-padded to a multiple), then LayerNorm: NCHW -> NHWC."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int = 4):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class PatchMerging(nn.Module):
+    """Swin patch merging on NHWC: concatenate each 2x2 neighbourhood (official order (0,0), (1,0),
+    (0,1), (1,1)), LayerNorm, linear 4C -> 2C without bias. Odd sides are zero-padded."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
 
 
 class Stage(nn.Module):

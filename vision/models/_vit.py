@@ -38,14 +38,29 @@ def build_vit(model_cls, variant: str, pretrained: bool, filter_fn, **kwargs) ->
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], mode: str,
                      old_grid: tuple[int, int] | None = None) -> torch.Tensor:
     """``[1, 1 + h*w, C]`` -> ``[1, 1 + H*W, C]``; the class-token entry is kept (square ``old_grid`` when
-    not given, as in official checkpoints)."""
+    not given, as in official checkpoints). A symbolic ``new_grid`` (``torch.export`` with dynamic sizes) is
+    always resampled: at equal size that is the identity, and the exported graph then holds for every size."""
     cls_pos, pos = pos_embed[:, :1], pos_embed[:, 1:]
     old_grid = old_grid or (math.isqrt(pos.shape[1]),) * 2
-    if tuple(old_grid) == tuple(new_grid):
+    if all(isinstance(s, int) for s in new_grid) and tuple(old_grid) == tuple(new_grid):
         return pos_embed
     pos = pos.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
     pos = F.interpolate(pos, size=new_grid, mode=mode, align_corners=False).flatten(2).transpose(1, 2)
     return torch.cat([cls_pos, pos], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """The patch convolution (``proj``, DeiT's name) on the image zero-padded at the bottom/right to a
+    multiple of the patch: ``[B, C, H, W]`` -> ``[B, D, ceil(H/p), ceil(W/p)]``."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        return self.proj(F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p)))
 
 
 class ClassTokenViT(nn.Module):
@@ -74,8 +89,7 @@ class ClassTokenViT(nn.Module):
         self.grid = tuple(s // patch_size for s in to_2tuple(img_size))
         self.grad_checkpointing = False
 
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -129,9 +143,8 @@ class ClassTokenViT(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Tokens ``[B, 1 + H*W, C]`` with position embedding, and the patch grid ``(H, W)``."""
-        p = self.patch_size
-        x = self.patch_embed.proj(F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p)))
-        size = tuple(x.shape[-2:])
+        x = self.patch_embed(x)
+        size = x.shape[-2:]  # not tuple(): FX traces it as one value
         pos = resize_pos_embed(self.pos_embed, size, self.pos_embed_mode, self.grid)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
         return self.pos_drop(x + pos), size
@@ -145,8 +158,9 @@ class ClassTokenViT(nn.Module):
     def _run(self, x: torch.Tensor, size: tuple[int, int], blocks):
         """Run ``blocks`` in order, yielding ``(tokens, kept)`` after each one (as :meth:`_step` gives them)."""
         for block in blocks:
-            x, kept = self._step(block, x, size)
-            yield x, kept
+            step = self._step(block, x, size)
+            x = step[0]  # indexed, not unpacked: under FX a leaf block's pair is one traced value
+            yield step
 
     def _call(self, block: nn.Module, *args):
         if self.grad_checkpointing and not torch.jit.is_scripting():

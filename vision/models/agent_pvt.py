@@ -55,10 +55,11 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.proj(x.permute(0, 3, 1, 2) if self.channels_last else x).permute(0, 2, 3, 1))
-        B, H, W, C = x.shape
-        pos = self.pos_embed.view(1, *self.grid, C)
-        if (H, W) != self.grid:
-            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bilinear").permute(0, 2, 3, 1)
+        size = x.shape[1:3]
+        pos = self.pos_embed.view(1, *self.grid, -1)
+        # a symbolic size (torch.export, dynamic H/W) always resamples: the identity at the trained grid
+        if not all(isinstance(s, int) for s in size) or tuple(size) != self.grid:
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=size, mode="bilinear").permute(0, 2, 3, 1)
         return x + pos
 
 

@@ -21,49 +21,26 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..attention import AgentAttention, WindowAttention
 from ..attention.agent import split_official_qkv
-from ._pyramid import PyramidBackbone, Stage, build_pyramid, drop_path_rates, imagenet_cfg
+from ._pyramid import (
+    PatchEmbed,
+    PatchMerging,
+    PyramidBackbone,
+    Stage,
+    build_pyramid,
+    drop_path_rates,
+    imagenet_cfg,
+)
 
 __all__ = ["AgentSwinTransformer"]
 
 # Parameter counts as the paper prints them (Agent-Attention README / paper Table), checked by the battery.
 PUBLISHED_PARAMS = {"agent_swin_tiny": "29M", "agent_swin_small": "50M", "agent_swin_base": "88M"}
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch x patch`` conv (input zero-padded to a multiple), then LayerNorm: NCHW -> NHWC."""
-
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: int = 4):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
-
-
-class PatchMerging(nn.Module):
-    """Swin patch merging on NHWC: concatenate each 2x2 neighbourhood (official order (0,0), (1,0),
-    (0,1), (1,1)), LayerNorm, linear 4C -> 2C without bias. Odd sides are zero-padded."""
-
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x))
 
 
 class AgentSwinBlock(nn.Module):

@@ -51,6 +51,15 @@ def kept_tokens(ratio: float, num_patches: int) -> int:
     return max(1, int(num_patches * ratio))
 
 
+def prune_by_score(x: torch.Tensor, log_probs: torch.Tensor, ratio: float, num_patches: int):
+    """Inference pruning of one stage: :func:`select_tokens` with the stage's kept count, or ``(x, None)`` when
+    that keeps every token. Its branch depends on the input size, so FX keeps it as one call (``_trace``)."""
+    keep = kept_tokens(ratio, num_patches)
+    if keep < x.shape[1] - 1:
+        return select_tokens(x, log_probs, keep)
+    return x, None
+
+
 class Block(nn.Module):
     """Pre-norm ViT block; with a ``policy [B, N, 1]`` the attention ignores the dropped tokens."""
 
@@ -145,9 +154,8 @@ class DynamicViT(ClassTokenViT):
                     policy = torch.cat([policy[:, :1], keep], dim=1)
                     decisions.append(keep[..., 0])
                 else:
-                    keep = kept_tokens(self.keep_ratios[stage], num_patches)
-                    if keep < x.shape[1] - 1:  # with keep rate 1 nothing is pruned (nor scored)
-                        x, kept = select_tokens(x, predictor(x[:, 1:]), keep)
+                    pruned = prune_by_score(x, predictor(x[:, 1:]), self.keep_ratios[stage], num_patches)
+                    x, kept = pruned[0], pruned[1]  # indexed: one traced value under FX
             x = self._call(block, x, policy)
             yield x, kept
         if decisions:

@@ -140,7 +140,6 @@ class L2ViT(PyramidBackbone):
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        self.output_fmt = "NHWC"
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
             nn.BatchNorm2d(dims[0] // 2),
@@ -188,7 +187,8 @@ def checkpoint_filter_fn(state_dict: dict, model: L2ViT) -> dict:
     ``downsample_layers.0.proj.proj`` / ``.norm`` -> ``stem`` / ``stem_norm``; ``downsample_layers.i`` ->
     ``stages.i.downsample``; ``stages.i.j`` -> ``stages.i.blocks.j``; ``local_mp`` -> ``lcm``.
     """
-    state_dict = state_dict.get("state_dict", state_dict.get("model", state_dict))
+    # the released "best-ema" training checkpoints hold the EMA weights (the published accuracy) under model_ema
+    state_dict = state_dict.get("state_dict", state_dict.get("model_ema", state_dict.get("model", state_dict)))
     if any(k.startswith("stem.") for k in state_dict):
         return state_dict  # already ours
     out = {}
@@ -204,11 +204,13 @@ def _cfg(**kwargs) -> dict:
     return imagenet_cfg(first_conv="stem.0", paper_ids="arXiv:2501.16182", **kwargs)
 
 
-# Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
+# Official ImageNet-1k releases (GitHub release v1.0, linked from the official readme: the EMA weights of the
+# best epoch; the official evaluation: ImageNet mean/std, bicubic resize to 256, centre crop 224).
+_URL = "https://github.com/ChuanyangZheng/L2ViT/releases/download/v1.0/L2ViT-{}-checkpoint-best-ema.pth"
 default_cfgs = generate_default_cfgs({
-    "l2vit_tiny.in1k": _cfg(),
-    "l2vit_small.in1k": _cfg(),
-    "l2vit_base.in1k": _cfg(),
+    "l2vit_tiny.in1k": _cfg(url=_URL.format("Tiny")),
+    "l2vit_small.in1k": _cfg(url=_URL.format("Small")),
+    "l2vit_base.in1k": _cfg(url=_URL.format("Base")),
 })
 
 

@@ -122,7 +122,6 @@ class LITv2(PyramidBackbone):
     ):
         super().__init__()
         dims = [embed_dim * 2**i for i in range(len(depths))]
-        self.output_fmt = "NHWC"
         self.stem = nn.Conv2d(in_chans, embed_dim, 4, stride=4)
         self.stem_norm = nn.LayerNorm(embed_dim)
         dpr = drop_path_rates(drop_path_rate, depths)
@@ -172,11 +171,13 @@ def _cfg(**kwargs) -> dict:
     return imagenet_cfg(first_conv="stem", license="apache-2.0", paper_ids="arXiv:2205.13213", **kwargs)
 
 
-# Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
+# Official ImageNet-1k releases (GitHub release v1.0, linked from the official README; the official
+# evaluation: ImageNet mean/std, bicubic resize to 256, centre crop 224).
+_URL = "https://github.com/ziplab/LITv2/releases/download/v1.0/{}.pth"
 default_cfgs = generate_default_cfgs({
-    "litv2_small.in1k": _cfg(),
-    "litv2_medium.in1k": _cfg(),
-    "litv2_base.in1k": _cfg(),
+    "litv2_small.in1k": _cfg(url=_URL.format("litv2_s")),
+    "litv2_medium.in1k": _cfg(url=_URL.format("litv2_m")),
+    "litv2_base.in1k": _cfg(url=_URL.format("litv2_b")),
 })
 
 

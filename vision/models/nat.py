@@ -76,13 +76,12 @@ class NATBlock(nn.Module):
         layer_scale: float | None = None,
         norm_layer=nn.LayerNorm,
         dilation_policy: str = "error",
-        backend: str = "auto",
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = NeighborhoodAttention2D(
             dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-            dilation_policy=dilation_policy, backend=backend,
+            dilation_policy=dilation_policy,
         )
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -107,7 +106,6 @@ class NAT(PyramidBackbone):
         layer_scale: initial LayerScale value, or None for none.
         dilation_policy: ``"error"`` or ``"reduce"`` when an input is too small for a dilation
             (official behaviour pads the input up to ``kernel_size * dilation``; see the attention module).
-        backend: attention backend, ``"auto" | "torch" | "triton"``.
     """
 
     channels_last = True
@@ -131,14 +129,12 @@ class NAT(PyramidBackbone):
         layer_scale: float | None = None,
         norm_layer=nn.LayerNorm,
         dilation_policy: str = "error",
-        backend: str = "auto",
     ):
         super().__init__()
         dims = [int(embed_dim * 2**i) for i in range(len(depths))]
         dilations = dilations or [[1] * d for d in depths]
         if [len(d) for d in dilations] != list(depths):
             raise ValueError(f"dilations {dilations} must list one dilation per block of depths {depths}")
-        self.output_fmt = "NHWC"
 
         self.stem = ConvTokenizer(in_chans, embed_dim, norm_layer)
         dpr = drop_path_rates(drop_path_rate, depths)
@@ -148,7 +144,7 @@ class NAT(PyramidBackbone):
                 [
                     NATBlock(
                         dims[i], num_heads[i], kernel_size, dilations[i][j], mlp_ratio, qkv_bias, proj_drop_rate,
-                        attn_drop_rate, dpr[i][j], layer_scale, norm_layer, dilation_policy, backend,
+                        attn_drop_rate, dpr[i][j], layer_scale, norm_layer, dilation_policy,
                     )
                     for j in range(depths[i])
                 ],
@@ -189,16 +185,15 @@ def _cfg(**kwargs) -> dict:
     return imagenet_cfg(first_conv="stem.proj.0", license="mit", **kwargs)
 
 
-# Official ImageNet-1k releases (no download here: pass pretrained_cfg_overlay=dict(file=path)).
+# Official ImageNet-1k releases, as linked from the official classification/NAT.md and DiNAT.md
+# (timm's transforms: ImageNet mean/std, bicubic, crop 0.875).
+_NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/{}.pth"
+_DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/{}_in1k_224.pth"
 default_cfgs = generate_default_cfgs({
-    "nat_mini.in1k": _cfg(paper_ids="arXiv:2204.07143"),
-    "nat_tiny.in1k": _cfg(paper_ids="arXiv:2204.07143"),
-    "nat_small.in1k": _cfg(paper_ids="arXiv:2204.07143"),
-    "nat_base.in1k": _cfg(paper_ids="arXiv:2204.07143"),
-    "dinat_mini.in1k": _cfg(paper_ids="arXiv:2209.15001"),
-    "dinat_tiny.in1k": _cfg(paper_ids="arXiv:2209.15001"),
-    "dinat_small.in1k": _cfg(paper_ids="arXiv:2209.15001"),
-    "dinat_base.in1k": _cfg(paper_ids="arXiv:2209.15001"),
+    **{f"nat_{s}.in1k": _cfg(url=_NAT_URL.format(f"nat_{s}"), paper_ids="arXiv:2204.07143")
+       for s in ("mini", "tiny", "small", "base")},
+    **{f"dinat_{s}.in1k": _cfg(url=_DINAT_URL.format(f"dinat_{s}"), paper_ids="arXiv:2209.15001")
+       for s in ("mini", "tiny", "small", "base")},
 })
 
 

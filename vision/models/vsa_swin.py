@@ -21,8 +21,15 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..attention import VSAWindowAttention
-from ._pyramid import PyramidBackbone, Stage, build_pyramid, drop_path_rates, imagenet_cfg
-from .agent_swin import PatchEmbed, PatchMerging
+from ._pyramid import (
+    PatchEmbed,
+    PatchMerging,
+    PyramidBackbone,
+    Stage,
+    build_pyramid,
+    drop_path_rates,
+    imagenet_cfg,
+)
 
 __all__ = ["VSASwinTransformer"]
 

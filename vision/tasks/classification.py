@@ -8,7 +8,6 @@ already weighted scalar losses, e.g. DynamicViT's ratio loss; a backbone without
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -21,23 +20,25 @@ from timm.utils import ModelEmaV3
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..models import create_model
+from ..backbone import BackboneSpec
 from .distillation import Distillation
+from .schedules import per_step, training_steps, warmup_cosine  # noqa: F401  (warmup_cosine re-exported)
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup from ~0 to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def to_channels_last(module: torch.nn.Module) -> None:
+    """NHWC memory layout for the 4-D (convolution) weights; other tensors keep theirs, so the option is safe
+    on any backbone (``Module.to(memory_format=...)`` fails on some attention models' 5-D parameters)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
 
 
 class ClassificationModule(L.LightningModule):
     """Backbone by name (``timm.create_model``), AdamW (timm factory), per-step warmup + cosine.
 
     Args:
-        backbone: ``{name, drop_path_rate, pretrained_file, kwargs}`` (a ``configs/model`` entry).
+        backbone: a :class:`~vision.backbone.BackboneSpec` or a ``configs/model`` entry
+            (``{name, drop_path_rate, pretrained_file, kwargs}``).
         num_classes, in_chans: the dataset's.
         lr, min_lr, weight_decay, betas, layer_decay: AdamW; norms, biases and the backbone's
             ``no_weight_decay()`` names get no weight decay (timm's optimizer factory).
@@ -53,7 +54,7 @@ class ClassificationModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: dict,
+        backbone: BackboneSpec | dict,
         num_classes: int,
         in_chans: int = 3,
         lr: float = 1e-3,
@@ -71,14 +72,9 @@ class ClassificationModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.model = create_model(
-            backbone["name"],
-            pretrained_file=backbone.get("pretrained_file"),
-            num_classes=num_classes,
-            in_chans=in_chans,
-            drop_path_rate=backbone.get("drop_path_rate", 0.0),
-            **(backbone.get("kwargs") or {}),
-        )
+        spec = BackboneSpec.parse(backbone)
+        self.hparams.backbone = spec.to_dict()  # plain containers in checkpoints
+        self.model = spec.create(num_classes=num_classes, in_chans=in_chans)
         self.mixup = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes) if mixup else None
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
         self.distill = Distillation(**distill) if distill else None
@@ -97,7 +93,7 @@ class ClassificationModule(L.LightningModule):
 
     def _unpack(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = batch
-        if self.hparams.channels_last:
+        if self.hparams.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
 
@@ -108,7 +104,7 @@ class ClassificationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
-            self.to(memory_format=torch.channels_last)
+            to_channels_last(self)
         if self.hparams.compile and stage == "fit":
             self.model.compile()  # in place: parameter names (and so checkpoints) stay uncompiled-compatible
         if self.distill is not None and stage == "fit" and self.distill.teacher is None:
@@ -195,10 +191,15 @@ class ClassificationModule(L.LightningModule):
         )
         for group in optimizer.param_groups:  # timm leaves layer decay as lr_scale, which only its schedulers apply
             group["lr"] = hp.lr * group.get("lr_scale", 1.0)
-        total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        total, steps_per_epoch = training_steps(self.trainer)
         warmup = min(int(hp.warmup_epochs * steps_per_epoch), total // 2)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return per_step(optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr))
+
+    # ---- prediction -----------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Class probabilities ``[B, num_classes]`` of ``batch["image"]`` (``predict.py``: top-k with names)."""
+        images = batch["image"]
+        if self.hparams.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return {"probs": self.eval_model(images).float().softmax(-1)}

@@ -9,12 +9,10 @@ backbone's strides so that any pyramid fits.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any
 
 import lightning as L
-import timm
 import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
@@ -26,7 +24,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from ..models import create_model
+from ..backbone import BackboneSpec
+from .schedules import per_step, training_steps, warmup_schedule  # noqa: F401  (warmup_schedule re-exported)
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
 TWO_STAGE = ("faster_rcnn", "mask_rcnn")
@@ -59,20 +58,20 @@ class TrainTimeNoResize(GeneralizedRCNNTransform):
         return super().resize(image, target)
 
 
-def build_detector(kind: str, backbone: dict, num_classes: int, fpn_channels: int = 256, min_size: int = 800,
-                   max_size: int = 1333, **kwargs) -> nn.Module:
+def create_detector(kind: str, backbone: BackboneSpec | dict, num_classes: int, fpn_channels: int = 256,
+                   min_size: int = 800, max_size: int = 1333, **kwargs) -> nn.Module:
     """A torchvision detector (``kind`` in :data:`DETECTORS`) with ``num_classes`` foreground classes on
-    the timm backbone ``backbone = {name, drop_path_rate, pretrained_file, out_indices, kwargs}``."""
+    the timm backbone ``backbone`` (a :class:`~vision.backbone.BackboneSpec` or its ``configs/model`` entry;
+    ``out_indices`` picks the levels)."""
     if kind not in DETECTORS:
         raise ValueError(f"detector={kind!r}; expected one of {DETECTORS}")
+    backbone = BackboneSpec.parse(backbone)
     two_stage = kind in TWO_STAGE
-    out_indices = backbone.get("out_indices") or ((-4, -3, -2, -1) if two_stage else (-3, -2, -1))
-    body = create_model(backbone["name"], pretrained_file=backbone.get("pretrained_file"), features_only=True,
-                        out_indices=tuple(out_indices), drop_path_rate=backbone.get("drop_path_rate", 0.0),
-                        **(backbone.get("kwargs") or {}))
+    out_indices = backbone.out_indices or ((-4, -3, -2, -1) if two_stage else (-3, -2, -1))
+    body = backbone.create(features_only=True, out_indices=tuple(out_indices))
     levels = 4 if two_stage else 3
     if len(body.feature_info.channels()) != levels:
-        raise ValueError(f"{kind} needs {levels} backbone levels; {backbone['name']} with out_indices="
+        raise ValueError(f"{kind} needs {levels} backbone levels; {backbone.name} with out_indices="
                          f"{tuple(out_indices)} gives {len(body.feature_info.channels())}")
     fpn = TimmFPN(body, fpn_channels, two_stage)
     strides = fpn.strides
@@ -94,24 +93,11 @@ def build_detector(kind: str, backbone: dict, num_classes: int, fpn_channels: in
     else:
         extra["anchor_generator"] = anchors
     detector = cls(fpn, num_classes=num_classes + 1, min_size=min_size, max_size=max_size, **extra, **kwargs)
-    cfg = timm.get_pretrained_cfg(backbone["name"])
-    mean, std = (cfg.mean, cfg.std) if cfg is not None else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    mean, std = backbone.normalization()
     t = detector.transform
     detector.transform = TrainTimeNoResize(t.min_size, t.max_size, list(mean), list(std),
                                            size_divisible=t.size_divisible)
     return detector
-
-
-def warmup_schedule(step: int, total: int, warmup: int, schedule: str, milestones: list[int], gamma: float,
-                    min_ratio: float) -> float:
-    """LR multiplier: linear warmup from 0.001 to 1, then step decay (by ``gamma`` at each milestone step)
-    or cosine to ``min_ratio``."""
-    if step < warmup:
-        return 0.001 + (1 - 0.001) * step / warmup
-    if schedule == "step":
-        return gamma ** sum(step >= m for m in milestones)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class DetectionModule(L.LightningModule):
@@ -132,7 +118,7 @@ class DetectionModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: dict,
+        backbone: BackboneSpec | dict,
         num_classes: int,
         detector: str = "retinanet",
         fpn_channels: int = 256,
@@ -152,9 +138,11 @@ class DetectionModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
+        backbone = BackboneSpec.parse(backbone)
+        self.hparams.backbone = backbone.to_dict()  # plain containers in checkpoints
         if schedule not in ("step", "cosine"):
             raise ValueError(f"schedule={schedule!r}; expected 'step' or 'cosine'")
-        self.detector = build_detector(detector, backbone, num_classes, fpn_channels, min_size, max_size,
+        self.detector = create_detector(detector, backbone, num_classes, fpn_channels, min_size, max_size,
                                        **(detector_kwargs or {}))
         iou_type = ("bbox", "segm") if detector == "mask_rcnn" else "bbox"
         self.val_map = MeanAveragePrecision(iou_type=iou_type, backend="pycocotools")
@@ -252,15 +240,20 @@ class DetectionModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas))
-        total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        total, steps_per_epoch = training_steps(self.trainer)
         warmup = min(hp.warmup_steps, total // 2)
         milestones = [int(m * steps_per_epoch) for m in hp.milestones]
         min_ratio = hp.min_lr / hp.lr
-        schedule = torch.optim.lr_scheduler.LambdaLR(
+        return per_step(
             optimizer, lambda step: warmup_schedule(step, total, warmup, hp.schedule, milestones, hp.gamma, min_ratio)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- prediction -----------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, list[dict[str, torch.Tensor]]]:
+        """The detector's ``[{boxes xyxy, labels 1..K, scores[, masks]}]`` for ``batch["image"]`` (float images
+        in [0, 1] at their original size: the detector resizes and normalises; ``predict.py``)."""
+        return {"detections": self.detector(list(batch["image"]))}
 
 
 def _metric_pred(pred: dict, segm: bool) -> dict:
@@ -287,3 +280,6 @@ def _flatten(scores: dict) -> dict[str, torch.Tensor]:
             continue
         out[key.removeprefix("bbox_")] = value.float()
     return out
+
+
+build_detector = create_detector  # the former name

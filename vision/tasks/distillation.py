@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ..models import create_model
+from ..backbone import BackboneSpec
 
 
 class Distillation:
@@ -24,23 +24,18 @@ class Distillation:
     frozen, always in eval mode) is never trained, checkpointed or DDP-wrapped.
     """
 
-    def __init__(self, teacher: dict, logit_weight: float = 0.5, token_weight: float = 0.5):
-        if not isinstance(teacher, dict) or "name" not in teacher:
-            raise ValueError(f"distill.teacher={teacher!r}: expected {{name, pretrained_file, kwargs}}")
-        unknown = set(teacher) - {"name", "pretrained_file", "kwargs"}
-        if unknown:
-            raise ValueError(f"distill.teacher: unknown keys {sorted(unknown)}")
-        self.cfg, self.logit_weight, self.token_weight = teacher, logit_weight, token_weight
+    def __init__(self, teacher: BackboneSpec | dict, logit_weight: float = 0.5, token_weight: float = 0.5):
+        self.spec = BackboneSpec.parse(teacher, where="distill.teacher")
+        self.logit_weight, self.token_weight = logit_weight, token_weight
         self.teacher: nn.Module | None = None
 
     def build(self, num_classes: int, in_chans: int) -> None:
-        path = self.cfg.get("pretrained_file")
+        path = self.spec.pretrained_file
         if path is None:
             rank_zero_warn("distill.teacher.pretrained_file is null: distilling from an untrained teacher")
         elif not Path(path).is_file():
             raise FileNotFoundError(f"distill.teacher.pretrained_file: no such file {path}")
-        teacher = create_model(self.cfg["name"], pretrained_file=path, num_classes=num_classes, in_chans=in_chans,
-                               **(self.cfg.get("kwargs") or {}))
+        teacher = self.spec.create(num_classes=num_classes, in_chans=in_chans)
         self.teacher = teacher.requires_grad_(False).eval()
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -67,7 +62,7 @@ class Distillation:
         target = teacher_features[:, getattr(self.teacher, "num_prefix_tokens", 0):]
         if tokens.shape != target.shape:
             raise ValueError(f"token distillation: student tokens {tuple(tokens.shape)} vs teacher "
-                             f"{self.cfg['name']} tokens {tuple(target.shape)}")
+                             f"{self.spec.name} tokens {tuple(target.shape)}")
         mask = getattr(student, "token_keep_mask", None)
         if mask is not None:
             keep = mask.reshape(-1) > 0.5

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -23,38 +24,34 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torchmetrics import CatMetric, MaxMetric, MeanMetric
 
-from .classification import warmup_cosine
+from ..backbone import BackboneSpec
+from ..models import forget_state_dict
+from .schedules import per_step, training_steps, warmup_cosine
 
-NETWORKS = ("smp", "unet", "swin_unetr")
+NETWORKS = ("smp", "unet", "swin_unetr", "nat_unet3d")
 
 
-def build_network(network: str, backbone: dict, in_channels: int, num_classes: int, spatial_dims: int,
+def create_network(network: str, backbone: BackboneSpec | dict, in_channels: int, num_classes: int, spatial_dims: int,
                   decoder: str = "unet", net_kwargs: dict | None = None) -> nn.Module:
     """The segmentation network, logits ``[B, num_classes, *spatial]``.
 
-    ``smp``: ``smp.Unet`` or ``smp.FPN`` (``decoder``) on the timm backbone ``backbone["name"]`` (2-D);
-    ``unet`` / ``swin_unetr``: MONAI's, in ``spatial_dims`` dimensions. ``net_kwargs`` go to the network.
+    ``smp``: ``smp.Unet`` or ``smp.FPN`` (``decoder``) on the timm backbone ``backbone`` (2-D);
+    ``unet`` / ``swin_unetr``: MONAI's, in ``spatial_dims`` dimensions; ``nat_unet3d``: 3-D neighborhood
+    attention encoder + U-Net decoder (:class:`vision.heads.nat_unet3d.NATUNet3D`). ``net_kwargs`` go to the network.
     """
     net_kwargs = dict(net_kwargs or {})
     if network == "smp":
         import segmentation_models_pytorch as smp
-
-        import vision  # noqa: F401  (registers this package's backbones with timm before smp asks for them)
 
         if spatial_dims != 2:
             raise ValueError("smp networks are 2-D; volumes run through them slice-wise (SliceWise)")
         decoders = {"unet": smp.Unet, "fpn": smp.FPN}
         if decoder not in decoders:
             raise ValueError(f"decoder={decoder!r}; expected one of {sorted(decoders)}")
-        encoder = dict(backbone.get("kwargs") or {})
-        if backbone.get("drop_path_rate"):
-            encoder["drop_path_rate"] = backbone["drop_path_rate"]
-        weights = None
-        if backbone.get("pretrained_file"):  # a local file through timm, never a download
-            weights = True
-            encoder["pretrained_cfg_overlay"] = dict(file=str(backbone["pretrained_file"]))
-        return decoders[decoder](encoder_name="tu-" + backbone["name"], encoder_weights=weights,
-                                 in_channels=in_channels, classes=num_classes, **encoder, **net_kwargs)
+        net = decoders[decoder](in_channels=in_channels, classes=num_classes,
+                                **BackboneSpec.parse(backbone).smp_encoder(), **net_kwargs)
+        forget_state_dict(net.encoder)
+        return net
     if network == "unet":
         from monai.networks.nets import UNet
 
@@ -70,6 +67,12 @@ def build_network(network: str, backbone: dict, in_channels: int, num_classes: i
             raise ModuleNotFoundError("network=swin_unetr needs MONAI's optional dependency einops: pip install einops")
         return SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
                          **{"feature_size": 24, **net_kwargs})
+    if network == "nat_unet3d":
+        from ..heads.nat_unet3d import NATUNet3D  # a whole network (like MONAI's), not a timm backbone
+
+        if spatial_dims != 3:
+            raise ValueError(f"network=nat_unet3d is 3-D; got a {spatial_dims}-D roi_size")
+        return NATUNet3D(in_channels, num_classes, **net_kwargs)
     raise ValueError(f"network={network!r}; expected one of {NETWORKS}")
 
 
@@ -119,7 +122,7 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
     diagonal = ((extent * scale) ** 2).sum(-1).sqrt().to(hd.dtype).expand(hd.shape[0]).unsqueeze(1)
     missed = (label_1h[:, 1:].flatten(2).amax(-1) > 0) & (pred_1h[:, 1:].flatten(2).amax(-1) == 0)
     hd = torch.where(missed.to(hd.device), diagonal.expand_as(hd), hd)
-    return dice.float(), hd.float()
+    return dice.float(), hd.float().to(dice.device)  # MONAI may compute HD95 on the host; metrics sync on device
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -141,11 +144,12 @@ class MedicalSegmentationModule(L.LightningModule):
     ``{"image": [B, C, *spatial], "label": [B, 1, *spatial]}``.
 
     Args:
-        backbone: ``{name, drop_path_rate, pretrained_file, kwargs}`` for ``network="smp"``.
+        backbone: a :class:`~vision.backbone.BackboneSpec` or ``configs/model`` entry, for ``network="smp"``.
         num_classes: including background (label 0). in_channels: image channels (modalities).
         roi_size: the training patch; sliding-window inference uses it as its window (2.5-D: in-plane
             window over all slices, so every slice sees its true neighbours).
-        network: ``smp`` (2-D/2.5-D on the backbone), ``unet`` or ``swin_unetr`` (MONAI); ``net_kwargs`` for it.
+        network: ``smp`` (2-D/2.5-D on the backbone), ``unet`` or ``swin_unetr`` (MONAI), ``nat_unet3d`` (3-D NAT
+            encoder + U-Net decoder); ``net_kwargs`` for it.
         decoder: ``unet`` or ``fpn`` (smp). context: neighbouring slices on each side (2.5-D).
         slices_per_patch: axial slices drawn per training patch (2.5-D); None uses all.
         lambda_dice, lambda_ce: DiceCE weights. sw_batch_size, sw_overlap: sliding-window inference.
@@ -154,7 +158,7 @@ class MedicalSegmentationModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: dict,
+        backbone: BackboneSpec | dict,
         num_classes: int,
         in_channels: int = 1,
         roi_size: tuple[int, ...] = (96, 96, 96),
@@ -174,6 +178,8 @@ class MedicalSegmentationModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
+        backbone = BackboneSpec.parse(backbone)
+        self.hparams.backbone = backbone.to_dict()  # plain containers in checkpoints
         self.spatial_dims = len(roi_size)
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"roi_size={list(roi_size)}: expected 2 (images) or 3 (volumes) sizes")
@@ -181,7 +187,7 @@ class MedicalSegmentationModule(L.LightningModule):
         if network == "smp" and self.spatial_dims == 2 and context:
             raise ValueError("2-D images have no neighbouring slices: set model.context=0")
         channels = in_channels * (2 * context + 1) if self.slicewise else in_channels
-        self.net = build_network(network, backbone, channels, num_classes, 2 if network == "smp" else self.spatial_dims,
+        self.net = create_network(network, backbone, channels, num_classes, 2 if network == "smp" else self.spatial_dims,
                                  decoder, net_kwargs)
         self.volume_net = SliceWise(self.net, context) if self.slicewise else self.net
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, lambda_dice=lambda_dice,
@@ -268,7 +274,7 @@ class MedicalSegmentationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         dice = self._log_cases("val")
         if dice is not None and dice == dice:  # not NaN
-            self.val_dice_best(torch.tensor(dice))
+            self.val_dice_best(dice)  # a float: the metric puts it on its own device
         if self.val_dice_best.update_count:
             self.log("val/dice_best", self.val_dice_best.compute(), prog_bar=True)
 
@@ -283,10 +289,22 @@ class MedicalSegmentationModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = create_optimizer_v2(self.net, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        total, steps_per_epoch = training_steps(self.trainer)
         warmup = min(int(hp.warmup_epochs * steps_per_epoch), total // 2)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return per_step(optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr / hp.lr))
+
+    # ---- prediction -----------------------------------------------------------------------------
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, list[torch.Tensor]]:
+        """Class-id masks ``[H, W]`` of 2-D images at their original size ``batch["size"]`` (sliding-window
+        logits of the evaluation transform's output ``batch["image"]``; ``predict.py``)."""
+        logits = self.predict(batch["image"])
+        masks = []
+        for i, size in enumerate(batch["size"].tolist()):
+            sample = logits[i : i + 1]
+            if list(sample.shape[2:]) != size:
+                sample = F.interpolate(sample.float(), size=size, mode="bilinear", align_corners=False)
+            masks.append(sample.argmax(1)[0])
+        return {"masks": masks}
+
+build_network = create_network  # the former name

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,26 +11,15 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ..weights import UnsafeCheckpointError, load_checkpoint_file  # noqa: F401  (re-exported)
+
 log = logging.getLogger("vision")
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint that can only be loaded by running pickled code (``weights_only=False``)."""
-
-
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it holds pickled Python objects that only load by running code "
-            f"(weights_only=False). Re-save it from a trusted environment as a plain state_dict "
-            f"(torch.save(model.state_dict(), path)). Details: {str(err).splitlines()[0]}"
-        ) from err
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,6 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file follows the umask like the rest
             os.replace(tmp, path)  # atomic on POSIX (same filesystem)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

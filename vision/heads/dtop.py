@@ -25,18 +25,19 @@ present; weights 1 / 20 / 1) to every head, each head's masks being its canvas a
 Variants (:data:`VARIANTS`, built with :func:`create_dtop`): ``dtop_vit_base`` (ViT-B/16 at 512 px, heads
 after blocks 5, 7, 11, threshold 0.9, head width 384 / 6 heads), ``dtop_vit_large`` (ViT-L/16 at 640 px, 7,
 15, 23, threshold 0.95, width 512 / 8 heads), and ``dtop_tiny`` for tests. DToP is a segmenter, not a timm
-backbone, so it is not registered with timm.
+backbone, so it lives with the segmentation heads and is not registered with timm.
 """
 
 from __future__ import annotations
 
 import math
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
+
+from ..backbone import BackboneSpec
 
 __all__ = ["VARIANTS", "DToP", "ATMHead", "create_dtop"]
 
@@ -53,11 +54,20 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def create_dtop(name: str, **overrides) -> DToP:
-    """A DToP variant from :data:`VARIANTS` by name; keyword arguments override its configuration."""
+def create_dtop(name: str, backbone: BackboneSpec | str | None = None, **overrides) -> DToP:
+    """A DToP variant from :data:`VARIANTS` by name; keyword arguments override its configuration.
+
+    ``backbone``: a ViT name, or a :class:`~vision.backbone.BackboneSpec` whose name, drop path, pretrained
+    file and kwargs (added to the variant's ``backbone_kwargs``) replace the variant's."""
     if name not in VARIANTS:
         raise ValueError(f"unknown DToP variant {name!r}; expected one of {sorted(VARIANTS)}")
     kwargs = dict(VARIANTS[name])
+    if isinstance(backbone, BackboneSpec):
+        overrides = dict(backbone=backbone.name, drop_path_rate=backbone.drop_path_rate,
+                         pretrained_file=backbone.pretrained_file,
+                         backbone_kwargs={**backbone.kwargs, **overrides.pop("backbone_kwargs", {})}, **overrides)
+    elif backbone is not None:
+        overrides["backbone"] = backbone
     kwargs["backbone_kwargs"] = {**kwargs.get("backbone_kwargs", {}), **overrides.pop("backbone_kwargs", {})}
     return DToP(**{**kwargs, **overrides})
 
@@ -190,10 +200,8 @@ class DToP(nn.Module):
                  no_object_weight: float = 0.1, pretrained_file: str | None = None,
                  backbone_kwargs: dict | None = None):
         super().__init__()
-        overlay = dict(pretrained_cfg_overlay=dict(file=str(pretrained_file))) if pretrained_file else {}
-        self.backbone = timm.create_model(backbone, pretrained=bool(pretrained_file), num_classes=0,
-                                          img_size=img_size, drop_path_rate=drop_path_rate,
-                                          dynamic_img_size=True, **overlay, **(backbone_kwargs or {}))
+        spec = BackboneSpec(backbone, drop_path_rate, pretrained_file and str(pretrained_file), backbone_kwargs or {})
+        self.backbone = spec.create(num_classes=0, img_size=img_size, dynamic_img_size=True)
         vit = self.backbone
         if getattr(vit, "pos_embed", None) is None or not hasattr(vit, "blocks"):
             raise ValueError(f"backbone {backbone!r}: DToP needs a plain ViT with an absolute position embedding")
