@@ -89,32 +89,35 @@ def window_attention2d(
     if sh or sw:
         q, k, v = (torch.roll(t, shifts=(-sh, -sw), dims=(1, 2)) for t in (q, k, v))
 
-    # Which keys each query may see: same Swin region, and not padding.
-    region = _region_ids(Hp, Wp, (wh, ww), (sh, sw), q.device)
-    valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=q.device)
-    valid[:H, :W] = True
-    if sh or sw:
-        valid = torch.roll(valid, shifts=(-sh, -sw), dims=(0, 1))
-    region_w = _windows(region[None], wh, ww)[0]  # [nH, nW, N]
-    valid_w = _windows(valid[None], wh, ww)[0]
-    # padded queries (cropped at the end) see their whole region, so no row is empty
-    allowed = (region_w[..., :, None] == region_w[..., None, :]) & (valid_w[..., None, :] | ~valid_w[..., :, None])
-
-    qw, kw_, vw = (_windows(t, wh, ww) for t in (q, k, v))  # [B, nH, nW, N, heads, D]
-    logits = torch.einsum("bxynhd,bxymhd->bxyhnm", qw * scale, kw_)
+    nH, nW, N = Hp // wh, Wp // ww, wh * ww
+    mask = None  # [nH*nW*heads or 1, N, N]: additive bias and/or which keys each query may see
+    if sh or sw or pad_h or pad_w:  # same Swin region, and not padding
+        region = _region_ids(Hp, Wp, (wh, ww), (sh, sw), q.device)
+        valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=q.device)
+        valid[:H, :W] = True
+        if sh or sw:
+            valid = torch.roll(valid, shifts=(-sh, -sw), dims=(0, 1))
+        region_w = _windows(region[None], wh, ww)[0].flatten(0, 1)  # [nH*nW, N]
+        valid_w = _windows(valid[None], wh, ww)[0].flatten(0, 1)
+        # padded queries (cropped at the end) see their whole region, so no row is empty
+        mask = (region_w[:, :, None] == region_w[:, None, :]) & (valid_w[:, None, :] | ~valid_w[:, :, None])
+        mask = mask[:, None].expand(-1, heads, -1, -1).reshape(-1, N, N)
     if rpb is not None:
         ys, xs = torch.meshgrid(torch.arange(wh, device=q.device), torch.arange(ww, device=q.device), indexing="ij")
         ys, xs = ys.flatten(), xs.flatten()
-        bias = rpb[:, ys[None, :] - ys[:, None] + wh - 1, xs[None, :] - xs[:, None] + ww - 1]  # [heads, N, N]
-        logits = logits + bias
-    logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
-    attn = F.softmax(logits, dim=-1)
-    if dropout_p:
-        attn = F.dropout(attn, dropout_p)
-    out = torch.einsum("bxyhnm,bxymhd->bxynhd", attn, vw)
+        bias = rpb[:, ys[None, :] - ys[:, None] + wh - 1, xs[None, :] - xs[:, None] + ww - 1].to(q.dtype)  # [heads, N, N]
+        if mask is None:
+            mask = bias.repeat(nH * nW, 1, 1)
+        else:
+            mask = bias.repeat(nH * nW, 1, 1).masked_fill(~mask, float("-inf"))
 
-    nH, nW = Hp // wh, Wp // ww
-    out = out.view(B, nH, nW, wh, ww, heads, D).transpose(2, 3).reshape(B, Hp, Wp, heads, D)
+    # windows and heads on SDPA's head axis ([B, nH*nW*heads, N, D], the mask broadcast over B): a 4-D call
+    # reaches CPU's fused kernel, which keeps no logits
+    qw, kw_, vw = (_windows(t, wh, ww).view(B, nH * nW, N, heads, D).transpose(2, 3).reshape(B, -1, N, D)
+                   for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qw, kw_, vw, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+    out = out.view(B, nH, nW, heads, wh, ww, D).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, heads, D)
     if sh or sw:
         out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
     return out[:, :H, :W]

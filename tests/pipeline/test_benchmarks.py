@@ -45,3 +45,15 @@ def test_pruning_flops_are_counted_with_pruning_in_effect():
     r = bench_pruning.compare("evit_deit_tiny", 0.7, batch=1, repeats=1, device="cpu")
     assert abs(r["gmacs_full"] - 1.26) < 0.02  # DeiT-T: 1.3 GFLOPs in the papers
     assert 0.6 < r["gmacs"] / r["gmacs_full"] < 0.7  # EViT-T/0.7: 0.8 vs 1.3 in the paper
+
+
+def test_cpu_benchmark_compares_a_pair_in_one_row():
+    import bench_cpu
+
+    times = bench_cpu.compare("evit_deit_tiny", "deit_tiny_patch16_224", batch=1, repeats=1)
+    assert 0.6 < times["evit_deit_tiny"]["gmacs"] / times["deit_tiny_patch16_224"]["gmacs"] < 0.7  # pruning counted
+    assert all(r[key] > 0 for r in times.values() for key in ("infer", "train"))
+    memory = {name: bench_cpu._subprocess(["--peaks", name, "--batch", "1"], threads=1) for name in times}
+    assert all(m["train"] > 0 for m in memory.values())  # a training step holds activations and gradients
+    cells = bench_cpu.row("evit_deit_tiny", "deit_tiny_patch16_224", times, memory).strip("|").split("|")
+    assert len(cells) == 11 and all(float(c) >= 0 for c in cells[3:]), cells

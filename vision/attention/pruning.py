@@ -38,14 +38,20 @@ class _Attention(nn.Module):
 
 class ClassScoredAttention(_Attention):
     """Multi-head self-attention that also returns the class token's attention to the other tokens
-    ``[B, N - 1]`` (mean over heads). Names as timm's ``Attention`` (``qkv``, ``proj``)."""
+    ``[B, N - 1]`` (mean over heads), or None with ``cls_scores=False``. Names as timm's ``Attention``
+    (``qkv``, ``proj``)."""
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cls_scores: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
-        out = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(out)), attn[:, :, 0, 1:].mean(1)
+        # fused attention keeps no N x N matrix; the class token's row alone is recomputed when asked for
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
+                                             scale=self.scale)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+        if not cls_scores:
+            return out, None
+        cls_attn = ((q[:, :, :1] * self.scale) @ k.transpose(-2, -1)).softmax(-1)  # [B, heads, 1, N], pre-dropout
+        return out, cls_attn[:, :, 0, 1:].mean(1)
 
 
 def keep_attentive_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool):

@@ -55,14 +55,14 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, keep_rate: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens after the block, and the kept indices into the incoming patch tokens (None: all kept)."""
-        out, cls_attn = self.attn(self.norm1(x))
-        x = x + self.drop_path(out)
         rate = self.keep_rate if keep_rate is None else keep_rate
+        keep = kept_tokens(rate, x.shape[1] - 1)
+        prune = self.keep_rate < 1 and rate < 1 and keep < x.shape[1] - 1  # only the configured blocks, as officially
+        out, cls_attn = self.attn(self.norm1(x), cls_scores=prune)
+        x = x + self.drop_path(out)
         idx = None
-        if self.keep_rate < 1 and rate < 1:  # only the configured pruning blocks, as officially
-            keep = kept_tokens(rate, x.shape[1] - 1)
-            if keep < x.shape[1] - 1:
-                x, idx = keep_attentive_tokens(x, cls_attn, keep, self.fuse_token)
+        if prune:
+            x, idx = keep_attentive_tokens(x, cls_attn, keep, self.fuse_token)
         return x + self.drop_path(self.mlp(self.norm2(x))), idx
 
 
