@@ -29,6 +29,7 @@ STEPPED_ELSEWHERE = {
     "msd_spleen": ("test_medical.py", "test_msd_spleen_recipe_step"),
     "medmnist": ("test_medical.py", "test_medmnist_recipe_step"),
     "quickstart": ("test_pipeline.py", "test_quickstart_learns"),
+    "compare_mechanisms": ("test_report.py", "test_compare_mechanisms_runs_a_step_per_family"),
 }
 # Small, offline stand-ins for the data each experiment expects.
 QUICK = ["trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0", "callbacks.rich_progress_bar=null"]

@@ -31,7 +31,10 @@ def test_sweep_parameters_exist_in_config(compose_cfg, path):
     for experiment in experiments:
         cfg = compose_cfg("train", [f"experiment={experiment}"])
         for key in params:
-            if key != "experiment":  # a group choice, not a value
+            if (ROOT / "configs" / key).is_dir():  # a config group: every value names one of its files
+                missing = [v for v in params[key]["values"] if not (ROOT / "configs" / key / f"{v}.yaml").exists()]
+                assert not missing, f"{path.name}: {key} values without configs/{key}/<value>.yaml: {missing}"
+            else:
                 assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None or key in cfg, key
     assert sweep["metric"]["name"] == cfg.optimized_metric
 
