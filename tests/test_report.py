@@ -37,6 +37,7 @@ def logged(run_dir: Path, key: str) -> float:
 
 def test_compare_mechanisms_runs_a_step_per_family(tmp_path):
     import timm
+
     from vision.models import FAMILIES
 
     nano = {p.stem: yaml.safe_load(p.read_text())["name"] for p in (ROOT / "configs" / "model").glob("nano_*.yaml")}
@@ -71,6 +72,6 @@ def test_report_reads_back_what_two_runs_logged(tmp_path):
     assert math.isclose(row["params_m"], sum(p.numel() for p in model.parameters()) / 1e6)
     assert 0 < row["gmacs"] < 1
     text = table.read_text()
-    assert table.parent == sweep_dir and f"| nano_nat | nat_mini | 2 |" in text
+    assert table.parent == sweep_dir and "| nano_nat | nat_mini | 2 |" in text
     assert f"{100 * row['acc']:.2f} ± {100 * row['acc_std']:.2f}" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
