@@ -75,3 +75,17 @@ def test_report_reads_back_what_two_runs_logged(tmp_path):
     assert table.parent == sweep_dir and "| nano_nat | nat_mini | 2 |" in text
     assert f"{100 * row['acc']:.2f} ± {100 * row['acc_std']:.2f}" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_cpu_peak_memory_resets_between_runs():
+    import torch
+
+    from vision.callbacks.throughput import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    block = torch.ones(50_000_000)  # 200 MB resident
+    block[::1024] += 1
+    high = peak_memory_mb(cpu)
+    del block
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < high - 150

@@ -147,7 +147,16 @@ def report(root: Path, metric: str = "test/acc") -> tuple[list[dict], Path, Path
     from rich.progress import track
 
     root = Path(root)
-    runs = [read_run(p) for p in track(find_runs(root), description=f"reading runs under {root}")]
+    runs, unreadable = [], []
+    for path in track(find_runs(root), description=f"reading runs under {root}"):
+        try:
+            runs.append(read_run(path))
+        except FileNotFoundError as error:  # a run that crashed before logging: left out, and said
+            unreadable.append(str(error))
+    if unreadable:
+        print("left out (nothing logged):\n  " + "\n  ".join(unreadable))
+    if not runs:
+        raise FileNotFoundError(f"{root}: none of its runs logged metrics")
     rows = summarize(runs, metric)
     table = root / "report.md"
     table.write_text(markdown(rows, metric))

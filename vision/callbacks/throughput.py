@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -24,11 +25,28 @@ def _batch_size(batch) -> int:
     return 0
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: runs of a Hydra multirun share one process, so each run resets it (Linux: writing
+    5 to ``/proc/self/clear_refs`` resets the peak resident set, VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the process's lifetime peak is what there is
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated tensor memory; CPU: the process's peak resident set (weights, interpreter and
-    data included, so compare CPU runs with each other only)."""
+    """CUDA: peak allocated tensor memory; CPU: the process's peak resident set since the last reset (weights,
+    interpreter and data included, so compare CPU runs with each other only)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
@@ -64,6 +82,9 @@ class Throughput(Callback):
         if seconds > 0:
             pl_module.log(key, images / seconds, on_step=False, on_epoch=True)
         pl_module.log("perf/peak_mem_mb", peak_memory_mb(pl_module.device), on_step=False, on_epoch=True)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        reset_peak_memory(pl_module.device)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._seen["train"], self._total["train"] = 0, [0.0, 0]
