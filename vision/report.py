@@ -1,7 +1,8 @@
-"""Compare runs: ``python -m vision.report <multirun dir | log dir with W&B offline runs> [--metric test/acc]``.
+"""Compare runs: ``python -m vision.report <multirun dir | log dir, W&B sweep runs included> [--metric test/acc]``.
 
 Finds every Hydra run under the directory (a folder with ``.hydra/config.yaml``), reads what it logged (the CSV
-logger's ``metrics.csv``, else the W&B run's ``wandb-summary.json``, offline runs included), groups the runs by
+logger's ``metrics.csv``, else the W&B run's ``files/wandb-summary.json``, which online and synced runs have; an
+offline W&B run keeps its metrics in a binary ``.wandb`` file, so sweeps log to CSV as well), groups the runs by
 model config (``model=<name>``), and writes ``report.md`` (model, params, GMACs, accuracy mean ± std over seeds,
 train and inference img/s, peak memory) and ``report.png`` (accuracy against GMACs and against inference
 throughput) next to the runs. Params and GMACs are counted on the model each run built (``vision.zoo.gmacs``);
