@@ -12,7 +12,7 @@ import yaml
 import vision
 from vision.report import find_runs, report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=3", "+trainer.num_sanity_val_steps=0", "data.train_subset=64",
         "data.batch_size=8", "data.num_workers=0", "callbacks.rich_progress_bar=null", "extras.print_config=false"]
