@@ -31,6 +31,7 @@ STEPPED_ELSEWHERE = {
     "medmnist": ("test_medical.py", "test_medmnist_recipe_step"),
     "quickstart_medical_nat3d": ("test_medical.py", "test_quickstart_medical_nat3d_step"),
     "quickstart": ("test_pipeline.py", "test_quickstart_learns"),
+    "compare_mechanisms": ("test_report.py", "test_compare_mechanisms_runs_a_step_per_family"),
 }
 # Small, offline stand-ins for the data each experiment expects.
 
