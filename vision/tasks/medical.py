@@ -35,7 +35,8 @@ def build_network(network: str, backbone: BackboneSpec | dict, in_channels: int,
                   decoder: str = "unet", net_kwargs: dict | None = None) -> nn.Module:
     """The segmentation network, logits ``[B, num_classes, *spatial]``.
 
-    ``smp``: ``smp.Unet`` or ``smp.FPN`` (``decoder``) on the timm backbone ``backbone`` (2-D);
+    ``smp``: ``smp.Unet``, ``smp.FPN`` or the WAU U-Net (:mod:`vision.heads.wau`) (``decoder``) on the timm
+    backbone ``backbone`` (2-D);
     ``unet`` / ``swin_unetr``: MONAI's, in ``spatial_dims`` dimensions; ``nat_unet3d``: 3-D neighborhood
     attention encoder + U-Net decoder (:class:`vision.models.nat_unet3d.NATUNet3D`). ``net_kwargs`` go to the network.
     """
@@ -45,9 +46,13 @@ def build_network(network: str, backbone: BackboneSpec | dict, in_channels: int,
 
         if spatial_dims != 2:
             raise ValueError("smp networks are 2-D; volumes run through them slice-wise (SliceWise)")
-        decoders = {"unet": smp.Unet, "fpn": smp.FPN}
+        decoders = {"unet": smp.Unet, "fpn": smp.FPN, "wau": None}
         if decoder not in decoders:
             raise ValueError(f"decoder={decoder!r}; expected one of {sorted(decoders)}")
+        if decoder == "wau":  # window-attention upsampling (vision.heads.wau); net_kwargs: its decoder's
+            from ..heads.wau import create_wau_unet
+
+            return create_wau_unet(backbone, in_channels, num_classes, **net_kwargs)
         net = decoders[decoder](in_channels=in_channels, classes=num_classes,
                                 **BackboneSpec.parse(backbone).smp_encoder(), **net_kwargs)
         forget_state_dict(net.encoder)
@@ -150,7 +155,7 @@ class MedicalSegmentationModule(L.LightningModule):
             window over all slices, so every slice sees its true neighbours).
         network: ``smp`` (2-D/2.5-D on the backbone), ``unet`` or ``swin_unetr`` (MONAI), ``nat_unet3d`` (3-D NAT
             encoder + U-Net decoder); ``net_kwargs`` for it.
-        decoder: ``unet`` or ``fpn`` (smp). context: neighbouring slices on each side (2.5-D).
+        decoder: ``unet`` or ``fpn`` (smp), ``wau`` (window-attention upsampling, :mod:`vision.heads.wau`). context: neighbouring slices on each side (2.5-D).
         slices_per_patch: axial slices drawn per training patch (2.5-D); None uses all.
         lambda_dice, lambda_ce: DiceCE weights. sw_batch_size, sw_overlap: sliding-window inference.
         lr, min_lr, weight_decay, warmup_epochs: AdamW with per-step warmup + cosine.
