@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -130,6 +131,14 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
     return dice.float(), hd.float()
 
 
+def case_table(values: dict[str, list[float]], names: list[str]) -> str:
+    """Per-class Dice and HD95 (means over cases) and their mean, as a text table (rows: classes + mean)."""
+    rows = [f"{'class':<16}{'Dice':>8}{'HD95':>10}"]
+    for name, dice, hd in zip([*names, "mean"], values["dice"], values["hd95"]):
+        rows.append(f"{name:<16}{dice:>8.4f}{hd:>10.2f}")
+    return "\n".join(rows)
+
+
 def _plain(x: torch.Tensor) -> torch.Tensor:
     """MONAI MetaTensors as plain tensors: the networks do not need the metadata, and it slows them down."""
     return x.as_tensor() if hasattr(x, "as_tensor") else x
@@ -207,13 +216,28 @@ class MedicalSegmentationModule(L.LightningModule):
         return self.volume_net(image)
 
     def predict(self, image: torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits over a whole image or volume."""
+        """Sliding-window logits over a whole image or volume. A volume ``[B, C, H, W, D]`` given to a 2-D
+        network (slice-trained data: Synapse, ACDC) is predicted slice by slice, each slice resized to
+        ``roi_size`` and its logits back (the TransUNet protocol)."""
         hp = self.hparams
+        if self.spatial_dims == 2 and image.ndim == 5:
+            return self._predict_slices(_plain(image))
         roi = list(hp.roi_size)
         if self.slicewise:
             roi[-1] = -1  # all slices in each window
         return sliding_window_inference(_plain(image), roi, hp.sw_batch_size, self.forward,
                                         overlap=hp.sw_overlap, mode="gaussian")
+
+    def _predict_slices(self, volume: torch.Tensor) -> torch.Tensor:
+        b, d, size = volume.shape[0], volume.shape[-1], volume.shape[2:4]
+        slices = volume.permute(0, 4, 1, 2, 3).flatten(0, 1)  # [B * D, C, H, W]
+        chunk = max(1, self.hparams.sw_batch_size)
+        logits = []
+        for i in range(0, len(slices), chunk):
+            x = F.interpolate(slices[i:i + chunk], size=tuple(self.hparams.roi_size), mode="bilinear",
+                              align_corners=False)
+            logits.append(F.interpolate(self.net(x), size=size, mode="bilinear", align_corners=False))
+        return torch.cat(logits).unflatten(0, (b, d)).permute(0, 2, 3, 4, 1)  # [B, K, H, W, D]
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -258,7 +282,7 @@ class MedicalSegmentationModule(L.LightningModule):
 
     def _log_cases(self, split: str) -> float | None:
         """Per-class means over cases (NaN-skipping), and their mean over classes; returns mean Dice."""
-        means = {}
+        means, table = {}, {}
         for name in ("dice", "hd95"):
             metric = self.cases[f"{split}_{name}"]
             if not metric.update_count:
@@ -269,8 +293,17 @@ class MedicalSegmentationModule(L.LightningModule):
                 self.log(f"{split}/{name}_{k}", v)
             means[name] = per_class.nanmean()
             self.log(f"{split}/{name}", means[name], prog_bar=True)
+            table[name] = per_class.tolist() + [float(means[name])]
             metric.reset()
+        if split == "test":
+            rank_zero_only(print)(case_table(table, self._class_names()))  # the papers' table, in the console
         return float(means["dice"])
+
+    def _class_names(self) -> list[str]:
+        names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None) if self._trainer else None
+        names = list(names or [])[1:]
+        return names if len(names) == self.hparams.num_classes - 1 else [
+            f"class_{k}" for k in range(1, self.hparams.num_classes)]
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         # the predicted label map reaches callbacks' on_validation_batch_end (MedicalOverlays)
