@@ -151,3 +151,21 @@ def test_slice_trained_network_scores_volumes_and_prints_the_organ_table(capsys)
     assert lines[1].split() == ["class_1", "0.7500", "3.00"] and lines[2].split() == ["class_2", "0.2500", "6.00"]
     assert lines[3].split() == ["mean", "0.5000", "4.50"]
     assert case_table({"dice": [0.5, 0.5], "hd95": [1.0, 1.0]}, ["liver"]).splitlines()[1].startswith("liver")
+
+
+@pytest.mark.parametrize("decoder", ["wau", "unet"])
+def test_quickstart_wau_step(compose_cfg, tmp_path, decoder):
+    from vision.utils import train
+
+    quick = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "data.num_workers=0",
+             "callbacks.rich_progress_bar=null", "trainer.fast_dev_run=true"]
+    extra = [] if decoder == "wau" else [
+        "model.decoder=unet", "~model.net_kwargs", "+model.net_kwargs={decoder_channels: [16, 16, 8, 8, 8]}"]
+    cfg = compose_cfg("train", ["experiment=quickstart_wau", *quick, f"data.root={tmp_path / 'synapse'}",
+                                "data.synthetic.num_train=2", "data.synthetic.num_test=1", "data.synthetic.size=32",
+                                "data.synthetic.depth=4", "data.patch_size=[32,32]", "data.batch_size=2", *extra])
+    metrics, objects = train(cfg)
+    assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/dice"] <= 1
+    assert {f"test/dice_{k}" for k in range(1, 9)} <= set(metrics)
+    uses_wau = any(type(m).__name__ == "WAUStep" for m in objects["model"].modules())
+    assert uses_wau == (decoder == "wau")

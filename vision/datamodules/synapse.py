@@ -148,7 +148,7 @@ class _SliceVolumeDataModule(SplitLoaders, L.LightningDataModule):
     class_names: tuple[str, ...] = ()
 
     def __init__(self, root: str, num_classes: int, patch_size: Sequence[int] = (224, 224), lists_dir: str | None = None,
-                 batch_size: int = 24, num_workers: int | None = 4, pin_memory: bool = True,
+                 in_channels: int = 1, batch_size: int = 24, num_workers: int | None = 4, pin_memory: bool = True,
                  persistent_workers: bool = True, synthetic: dict | None = None, on_bad_sample: str = "error"):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -159,6 +159,8 @@ class _SliceVolumeDataModule(SplitLoaders, L.LightningDataModule):
         if num_classes != len(self.class_names):
             raise ValueError(f"data.num_classes={num_classes}, but this set has {len(self.class_names)} "
                              f"classes {list(self.class_names)}")
+        if in_channels != 1:
+            raise ValueError(f"data.in_channels={in_channels}: these sets are single-channel (CT / cine MRI)")
         self.num_classes, self.in_channels = num_classes, 1
         self.bad_samples = BadSamples(on_bad_sample)
         self.train_set = self.val_set = self.test_set = None
@@ -169,6 +171,9 @@ class _SliceVolumeDataModule(SplitLoaders, L.LightningDataModule):
 
     def _splits(self) -> tuple[list[Path], list[Path], list[Path]]:
         raise NotImplementedError
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, train=False) if len(self.val_set) else []  # [] : Lightning skips it
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
