@@ -29,7 +29,7 @@ from ..backbone import BackboneSpec
 from ..models import forget_state_dict
 from .schedules import per_step, training_steps, warmup_cosine
 
-NETWORKS = ("smp", "unet", "swin_unetr", "nat_unet3d")
+NETWORKS = ("smp", "unet", "swin_unetr", "nat_unet3d", "attention_unet")
 
 
 def build_network(network: str, backbone: BackboneSpec | dict, in_channels: int, num_classes: int, spatial_dims: int,
@@ -39,7 +39,9 @@ def build_network(network: str, backbone: BackboneSpec | dict, in_channels: int,
     ``smp``: ``smp.Unet``, ``smp.FPN`` or the WAU U-Net (:mod:`vision.heads.wau`) (``decoder``) on the timm
     backbone ``backbone`` (2-D);
     ``unet`` / ``swin_unetr``: MONAI's, in ``spatial_dims`` dimensions; ``nat_unet3d``: 3-D neighborhood
-    attention encoder + U-Net decoder (:class:`vision.models.nat_unet3d.NATUNet3D`). ``net_kwargs`` go to the network.
+    attention encoder + U-Net decoder (:class:`vision.models.nat_unet3d.NATUNet3D`); ``attention_unet``:
+    attention-gated 3-D U-Net, multi-scale input, deep supervision (:mod:`vision.models.attention_unet3d`).
+    ``net_kwargs`` go to the network.
     """
     net_kwargs = dict(net_kwargs or {})
     if network == "smp":
@@ -79,6 +81,12 @@ def build_network(network: str, backbone: BackboneSpec | dict, in_channels: int,
         if spatial_dims != 3:
             raise ValueError(f"network=nat_unet3d is 3-D; got a {spatial_dims}-D roi_size")
         return NATUNet3D(in_channels, num_classes, **net_kwargs)
+    if network == "attention_unet":
+        from ..models.attention_unet3d import AttentionUNet3D  # AGUNet-style (not MONAI's: see there)
+
+        if spatial_dims != 3:
+            raise ValueError(f"network=attention_unet is 3-D; got a {spatial_dims}-D roi_size")
+        return AttentionUNet3D(in_channels, num_classes, **net_kwargs)
     raise ValueError(f"network={network!r}; expected one of {NETWORKS}")
 
 
@@ -256,10 +264,18 @@ class MedicalSegmentationModule(L.LightningModule):
         image, label = _plain(batch["image"]), _plain(batch["label"])
         if self.slicewise:
             image, label = self._training_slices(image, label)
-        loss = self.loss(self.net(image), label)  # a non-finite loss: NonFiniteGuard (callbacks: default)
+        loss = self._loss(self.net(image), label)  # a non-finite loss: NonFiniteGuard (callbacks: default)
         self.train_loss(loss.detach())
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
+
+    def _loss(self, logits: torch.Tensor | list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        """DiceCE; a list of logits (deep supervision, full resolution first) weighs level k by 2^-k, normalised."""
+        if isinstance(logits, torch.Tensor):
+            return self.loss(logits, label)
+        weights = torch.tensor([0.5**k for k in range(len(logits))])
+        weights = weights / weights.sum()
+        return sum(w * self.loss(out, label) for w, out in zip(weights.tolist(), logits))
 
     def on_train_start(self) -> None:
         self.val_dice_best.reset()  # sanity-check batches must not count towards the best
