@@ -169,3 +169,10 @@ def test_quickstart_wau_step(compose_cfg, tmp_path, decoder):
     assert {f"test/dice_{k}" for k in range(1, 9)} <= set(metrics)
     uses_wau = any(type(m).__name__ == "WAUStep" for m in objects["model"].modules())
     assert uses_wau == (decoder == "wau")
+
+
+@pytest.mark.parametrize("name, data", [("synapse_wau", "SynapseDataModule"), ("acdc_wau", "ACDCDataModule")])
+def test_paper_recipes_compose(compose_cfg, name, data):
+    cfg = compose_cfg("train", [f"experiment={name}"])
+    assert cfg.data._target_.endswith(data) and cfg.model.decoder == "wau" and cfg.data.patch_size == [224, 224]
+    assert cfg.model.lambda_dice == cfg.model.lambda_ce == 0.5 and cfg.data.batch_size == 24
