@@ -11,10 +11,10 @@ Every method gets the same q, k, v ``[B, H, W, heads, 32]`` and routing index ``
 
 Shapes: BiFormer-T/S stages 1-3 (T and S share widths, heads and top-k; S is only deeper; stage 4 is global
 attention) at 224, 512 and 1024 px, ``n_win = 7``, grids padded to a multiple of 7 as the model pads them.
-Columns: forward, backward and forward+backward ms (``triton.testing.do_bench`` median on CUDA), peak memory of
-one forward+backward above the inputs (``max_memory_allocated``), the gather's K/V copy and the targets
-(peak <= copy / top-k; forward+backward >= 2x gather), and the largest output error against the fp32 torch
-reference. On CPU it is a smoke run: gather and torch only (the kernels need a GPU), batch 1, peak memory
+Columns: forward, backward and forward+backward ms (``triton.testing.do_bench`` median on CUDA), forward+backward
+replayed from a CUDA graph (``do_bench_cudagraph``: no launch overhead), peak memory of one forward+backward
+above the inputs (``max_memory_allocated``), the gather's K/V copy and the targets (workspace <= copy / top-k;
+forward+backward >= 2x gather), and the largest output and dq/dk/dv errors against the fp32 torch reference. On CPU it is a smoke run: gather and torch only (the kernels need a GPU), batch 1, peak memory
 as the growth of peak RSS in one subprocess per method. Writes ``benchmarks/results/bra_<device>.md``.
 
     python benchmarks/bench_bra.py [--batch 4] [--dtypes fp16 fp32] [--sizes 224 512 1024]
@@ -91,6 +91,16 @@ def bench(fn, device, repeats, leaves=()):
     return statistics.median(times)
 
 
+def bench_graph(fn, leaves):
+    """Median ms of ``fn`` replayed from a CUDA graph; nan where it cannot be captured."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=list(leaves), return_mode="median")
+    except Exception:  # noqa: BLE001 -- e.g. a method that synchronises: reported as nan, not fatal
+        return float("nan")
+
+
 def peak_mib(fn, device) -> float:
     """MiB allocated by ``fn`` at its peak (result held) above what was allocated before."""
     if device == "cuda":
@@ -123,12 +133,17 @@ def measure(name, size, stage, batch, dtype, device, repeats) -> dict:
     fwd = bench(call, device, repeats)
     bwd = bench(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), device, repeats)
     both = bench(step, device, repeats)
-    with torch.no_grad():
-        ref = bilevel_routing_attention(q.float(), k.float(), v.float(), index, N_WIN, HEAD_DIM**-0.5,
-                                        backend="torch")
-        error = (call().float() - ref).abs().max().item()
-    return {"fwd": fwd, "bwd": bwd, "both": both, "fwd_peak": fwd_peak, "both_peak": both_peak,
-            "out_grads": 4 * q.numel() * q.element_size() / 2**20, "error": error, "side": side}
+    graph = bench_graph(step, (q, k, v)) if device == "cuda" else float("nan")
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = bilevel_routing_attention(*leaves, index, N_WIN, HEAD_DIM**-0.5, backend="torch")
+    ref_grads = torch.autograd.grad(ref, leaves, grad.float())
+    out = call()
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    error = (out.detach().float() - ref.detach()).abs().max().item()
+    grad_error = max((g.float() - r).abs().max().item() for g, r in zip(grads, ref_grads))
+    return {"fwd": fwd, "bwd": bwd, "both": both, "graph": graph, "fwd_peak": fwd_peak, "both_peak": both_peak,
+            "out_grads": 4 * q.numel() * q.element_size() / 2**20, "error": error, "grad_error": grad_error,
+            "side": side}
 
 
 def kv_copy_mib(size, stage, batch, dtype) -> float:
@@ -147,6 +162,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", nargs="+", type=int, help="input px, default 224 512 1024 (CPU: 224)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default all (CPU: gather torch)")
     parser.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (CUDA uses do_bench)")
+    parser.add_argument("--quick", action="store_true", help="224 px in fp16 only (CUDA), unless given")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: method,size,stage,dtype in a subprocess
     args = parser.parse_args(argv)
@@ -157,8 +173,8 @@ def main(argv=None) -> int:
         name, size, stage, dtype = args.one.split(",")
         print(json.dumps(measure(name, int(size), int(stage), batch, DTYPES[dtype], device, args.repeats)))
         return 0
-    dtypes = args.dtypes or (["fp16", "fp32"] if cuda else ["fp32"])
-    sizes = args.sizes or ([224, 512, 1024] if cuda else [224])
+    dtypes = args.dtypes or (["fp16"] if cuda and args.quick else ["fp16", "fp32"] if cuda else ["fp32"])
+    sizes = args.sizes or ([224, 512, 1024] if cuda and not args.quick else [224])
     names = args.methods or (list(METHODS) if cuda else ["gather", "torch"])
 
     def run(name, size, stage, dtype):
@@ -179,9 +195,10 @@ def main(argv=None) -> int:
              "less the output and dQ/dK/dV (4 input-sized tensors every method must hold). K/V copy: the gather's "
              "gathered keys and values. Targets (issue #7, triton): workspace <= copy / top-k (the size of K and V), "
              "speed-up >= 2.", "",
-             "| dtype | input | stage (grid, top-k) | method | fwd ms | bwd ms | fwd+bwd ms | speed-up | fwd peak MiB "
-             "| fwd+bwd peak MiB | workspace MiB | K/V copy MiB | copy / top-k MiB | max error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dtype | input | stage (grid, top-k) | method | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd ms (CUDA graph) "
+             "| speed-up | fwd peak MiB | fwd+bwd peak MiB | workspace MiB | K/V copy MiB | copy / top-k MiB "
+             "| max error | max dq/dk/dv error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for dtype in dtypes:
         for size in sizes:
             for stage in STAGES:
@@ -197,13 +214,14 @@ def main(argv=None) -> int:
                 for name, r in results.items():
                     where = f"| {dtype} | {size} | {stage} ({r.get('side', '?')}², {topk}) | {name} |"
                     if "failed" in r:
-                        lines.append(f"{where} failed: {r['failed']} |||||||||")
+                        lines.append(f"{where} failed: {r['failed']} |||||||||||")
                     else:
                         speedup = f"{base / r['both']:.2f}x" if base else "n/a"
-                        lines.append(f"{where} {r['fwd']:.2f} | {r['bwd']:.2f} | {r['both']:.2f} | {speedup} | "
+                        lines.append(f"{where} {r['fwd']:.2f} | {r['bwd']:.2f} | {r['both']:.2f} | "
+                                     f"{r['graph']:.2f} | {speedup} | "
                                      f"{r['fwd_peak']:.1f} | {r['both_peak']:.1f} | "
                                      f"{r['both_peak'] - r['out_grads']:.1f} | {copy:.1f} | {copy / topk:.1f} | "
-                                     f"{r['error']:.1e} |")
+                                     f"{r['error']:.1e} | {r['grad_error']:.1e} |")
                     print(lines[-1], flush=True)
     out = args.out or RESULTS / f"bra_{device}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

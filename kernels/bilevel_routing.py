@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import BACKENDS, use_triton
+from ._checks import resolve_backend, use_triton
 
 try:
     from . import triton_bilevel
@@ -102,8 +102,7 @@ def _check(q, k, v, index, n_win, backend):
                          f"{tuple(index.shape)}")
     if index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"region_index must hold int32/int64 region ids; got {index.dtype}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    resolve_backend(backend)
 
 
 def bilevel_routing_attention(
@@ -114,7 +113,7 @@ def bilevel_routing_attention(
     n_win: int,
     scale: float | None = None,
     mask_padding: bool = False,
-    backend: str = "auto",
+    backend: str | None = None,
     max_chunk_elements: int = 2**24,
 ) -> torch.Tensor:
     """Every query attends to all tokens of the regions its region routed to.
@@ -123,11 +122,13 @@ def bilevel_routing_attention(
         q, k: ``[B, H, W, heads, Dqk]``; v: ``[B, H, W, heads, Dv]`` (strided views are fine).
         region_index: ``[B, n_win², topk]`` (one routing for all heads, as BiFormer) or
             ``[B, heads, n_win², topk]``: the key regions (row-major ids) each query region attends to. Ids
-            must lie in ``[0, n_win²)``; they are not checked (that would synchronise the GPU every call).
+            must lie in ``[0, n_win²)`` (the Triton path checks them with an asynchronous device
+            assert, no host synchronisation).
         n_win: regions per side.
         scale: logit scale, default ``Dqk ** -0.5`` (BiFormer passes ``qk_dim ** -0.5``).
         mask_padding: keep zero-padded keys (sizes not divisible by ``n_win``) out of the softmax.
-        backend: ``"auto"`` (Triton for CUDA tensors it supports, else torch) | ``"torch"`` | ``"triton"``.
+        backend: ``"auto"`` (Triton for CUDA tensors it supports, else torch) | ``"torch"`` | ``"triton"``;
+            None (default): the switch's, :func:`kernels.use_backend`.
         max_chunk_elements: torch backend only: bound on the elements held at once for a chunk of query
             regions: their gathered K/V and their attention matrices.
     Returns:

@@ -239,7 +239,7 @@ def neighborhood_attention(
     additional_values: torch.Tensor | None = None,
     return_lse: bool = False,
     rpb: torch.Tensor | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
     dilation_policy: str = "error",
     dropout_p: float = 0.0,
 ):
@@ -256,14 +256,14 @@ def neighborhood_attention(
             :func:`merge_attentions`.
         rpb: NAT's relative position bias ``[heads, 2k_1-1, ..., 2k_n-1]`` or None.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` (the fused kernels cover 2-D, stride 1, non-causal,
-            without additional keys or LSE; ``"auto"`` uses them on CUDA where they apply).
+            without additional keys or LSE; ``"auto"`` uses them on CUDA where they apply); None (default): the
+            switch's, :func:`kernels.use_backend`.
         dilation_policy: ``"error"`` or ``"reduce"`` when ``kernel_size*dilation`` exceeds a side.
         dropout_p: dropout on the attention weights (pass 0 in eval).
     Returns:
         ``[B, *spatial, heads, Dv]``, and the LSE when ``return_lse``.
     """
-    if backend not in _checks.BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {_checks.BACKENDS}")
+    backend = _checks.resolve_backend(backend)  # None: the switch's (kernels.use_backend)
     if not 3 <= q.ndim <= 6:
         raise ValueError(f"q must be [B, *spatial, heads, D] with 1 to 3 spatial axes; got shape {tuple(q.shape)}")
     n = q.ndim - 3
@@ -300,7 +300,8 @@ def neighborhood_attention(
     if backend == "triton" and not plain:
         raise ValueError("backend='triton' covers 2-D, stride 1, non-causal neighborhood attention without "
                          "additional keys or return_lse; use backend='torch'")
-    if plain and _checks.use_triton(q, backend, dropout_p=dropout_p):
+    why = _checks.windowed_unsupported(q, kernel, dilation, (0, 0), False) if plain else None
+    if plain and _checks.use_triton(q, backend, dropout_p=dropout_p, atomics=rpb is not None, unsupported=why):
         return _checks.triton_windowed.windowed_attention(q, k, v, rpb, kernel, dilation, (0, 0), False, scale)
 
     out, lse = _attend_tiles(q, k, v, kernel, stride, dilation, causal, scale, rpb, additional_keys,
@@ -310,7 +311,7 @@ def neighborhood_attention(
 
 def _ranked(n: int):
     def fn(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-           additional_values=None, return_lse=False, rpb=None, backend="auto", dilation_policy="error",
+           additional_values=None, return_lse=False, rpb=None, backend=None, dilation_policy="error",
            dropout_p=0.0):
         if q.ndim != n + 3:
             raise ValueError(f"neighborhood_attention{n}d expects q of shape [B, {n} spatial axes, heads, D]; "
@@ -335,7 +336,7 @@ def neighborhood_attention2d(
     dilation: int | tuple[int, int] = 1,
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
     dilation_policy: str = "error",
     dropout_p: float = 0.0,
     *,

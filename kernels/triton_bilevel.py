@@ -31,7 +31,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _tokens(region, p, N, RH, RW, H, W):
+def _tokens(region, p, N: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, H, W):
     """Grid row/column of token ``p`` (row-major) of ``region`` (row-major), and whether it is real."""
     y = (region // N) * RH + p // RW
     x = (region % N) * RW + p % RW
@@ -46,16 +46,19 @@ def _rows(PTR, b, y, x, head, d, sb, sh, sw, sn, ok, D):
 
 
 @triton.jit
-def _program(NH, TILES, BLOCK_M: tl.constexpr):
-    """This program's region, its token lanes, and (batch, head)."""
+def _program(NH, TILES, N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's region, its token lanes, and (batch, head). One grid axis (CUDA caps the others at
+    65,535), regions fastest so that neighbouring programs share a (batch, head)'s keys in L2."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    per_bh = N * N * TILES
+    bh = pid // per_bh
+    tile = pid % per_bh
     b = (bh // NH).to(tl.int64)  # int64: offsets of large batches pass 2**31
-    return pid // TILES, (pid % TILES) * BLOCK_M + tl.arange(0, BLOCK_M), bh, b, bh % NH
+    return tile // TILES, (tile % TILES) * BLOCK_M + tl.arange(0, BLOCK_M), bh, b, bh % NH
 
 
 @triton.jit
-def _routed_keys(IDX_ROW, j, L, P, N, RH, RW, H, W):
+def _routed_keys(IDX_ROW, j, L, P: tl.constexpr, N: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, H, W):
     """Lanes ``j`` of the flattened routed keys: token ``j % P`` of region ``IDX_ROW[j // P]``."""
     live = j < L
     region = tl.load(IDX_ROW + j // P, mask=live, other=0)
@@ -77,14 +80,14 @@ def _allowed(k_ok, live, MASK_PADDING: tl.constexpr):
 def _fwd_kernel(
     Q, K, V, IDX, OUT, LSE,
     sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son, sib, sin, sir,
-    H, W, NH, DQK, DV, N, RH, RW, TOPK, TILES, scale,
+    H, W, NH, DQK, DV, N: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, TOPK, TILES, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_PADDING: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Output and log-sum-exp of a tile of one query region's tokens, over its routed regions' keys."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_DQK >= 16 and BLOCK_DV >= 16,
                      "tl.dot needs dims >= 16 on GPU")
-    region, pq, bh, b, head = _program(NH, TILES, BLOCK_M)
+    region, pq, bh, b, head = _program(NH, TILES, N, BLOCK_M)
     P = RH * RW
     qy, qx, q_real = _tokens(region, pq, N, RH, RW, H, W)
     q_ok = (pq < P) & q_real
@@ -122,16 +125,19 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, IDX, DQ,
-    sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sdb, sdh, sdw, sdn, sib, sin, sir,
-    H, W, NH, DQK, DV, N, RH, RW, TOPK, TILES, scale,
+    Q, K, V, OUT, DO, LSE, DELTA, IDX, DQ,
+    sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sob, soh, sow, son, sdb, sdh, sdw, sdn,
+    sib, sin, sir,
+    H, W, NH, DQK, DV, N: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, TOPK, TILES, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_PADDING: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ of a query tile over the same routed keys (DQ laid out contiguously, like Q)."""
+    """dQ of a query tile over the same routed keys (DQ laid out contiguously, like Q). It also computes
+    delta = rowsum(O * dO) for its queries, in fp32 from the fp16 rows, and stores it for the dK/dV kernel:
+    no fp32 copies of O and dO in torch."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_DQK >= 16 and BLOCK_DV >= 16,
                      "tl.dot needs dims >= 16 on GPU")
-    region, pq, bh, b, head = _program(NH, TILES, BLOCK_M)
+    region, pq, bh, b, head = _program(NH, TILES, N, BLOCK_M)
     P = RH * RW
     qy, qx, q_real = _tokens(region, pq, N, RH, RW, H, W)
     q_ok = (pq < P) & q_real
@@ -139,8 +145,10 @@ def _bwd_dq_kernel(
     dv = tl.arange(0, BLOCK_DV)
     q = _rows(Q, b, qy, qx, head, dqk, sqb, sqh, sqw, sqn, q_ok, DQK)
     do = _rows(DO, b, qy, qx, head, dv, sdb, sdh, sdw, sdn, q_ok, DV)
+    o = _rows(OUT, b, qy, qx, head, dv, sob, soh, sow, son, q_ok, DV)
     lse = tl.load(LSE + (bh * H + qy) * W + qx, mask=q_ok, other=0.0)
-    delta = tl.load(DELTA + (bh * H + qy) * W + qx, mask=q_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (bh * H + qy) * W + qx, delta, mask=q_ok)
     idx_row = IDX + b * sib + head * sin + region * sir
 
     L = TOPK * P
@@ -162,7 +170,7 @@ def _bwd_dq_kernel(
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, QREGIONS, OFFSETS, DK, DV_,
     sqb, sqh, sqw, sqn, skb, skh, skw, skn, svb, svh, svw, svn, sdb, sdh, sdw, sdn, IDX_HEADS,
-    H, W, NH, DQK, DV, N, RH, RW, TOPK, TILES, scale,
+    H, W, NH, DQK, DV, N: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, TOPK, TILES, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -174,7 +182,7 @@ def _bwd_dkdv_kernel(
     """
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_DQK >= 16 and BLOCK_DV >= 16,
                      "tl.dot needs dims >= 16 on GPU")
-    region, pk, bh, b, head = _program(NH, TILES, BLOCK_M)
+    region, pk, bh, b, head = _program(NH, TILES, N, BLOCK_M)
     P = RH * RW
     ky, kx, k_real = _tokens(region, pk, N, RH, RW, H, W)
     k_ok = (pk < P) & k_real
@@ -219,14 +227,15 @@ def _launch_config(q: torch.Tensor, v: torch.Tensor, n_win: int):
         if not 16 <= D <= 128:
             raise ValueError(f"the Triton kernels take head dims 16..128; got {name} D={D} (use backend='torch')")
     rh, rw = -(-H // n_win), -(-W // n_win)
-    block_m = min(64, max(16, triton.next_power_of_2(rh * rw)))  # one tile holds a small region whole
+    wide = max(DQK, DV) > 64  # dK and dV of 64 keys x 128 dims would not fit 4 warps' registers
+    block_m = min(32 if wide else 64, max(16, triton.next_power_of_2(rh * rw)))  # a small region fits one tile
     tiles = triton.cdiv(rh * rw, block_m)
     meta = dict(
-        BLOCK_M=block_m, BLOCK_N=64 if max(DQK, DV) <= 64 else 32,
+        BLOCK_M=block_m, BLOCK_N=32 if wide else 64,
         BLOCK_DQK=max(16, triton.next_power_of_2(DQK)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )
-    return (n_win * n_win * tiles, B * NH), (H, W, NH, DQK, DV, n_win, rh, rw), tiles, meta
+    return (B * NH * n_win * n_win * tiles,), (H, W, NH, DQK, DV, n_win, rh, rw), tiles, meta
 
 
 def _strides(t):
@@ -249,6 +258,16 @@ def inverted_index(index: torch.Tensor, n_regions: int) -> tuple[torch.Tensor, t
     return (order // topk).to(torch.int32), torch.searchsorted(keys, bounds).to(torch.int32)
 
 
+def _checked_index(index: torch.Tensor, n_win: int) -> torch.Tensor:
+    """The routing index as contiguous int32 (the kernels' region arithmetic stays 32-bit), its ids checked
+    to lie in ``[0, n_win²)`` by an asynchronous device assert (no host synchronisation)."""
+    regions = n_win * n_win
+    if index.device.type != "meta":
+        torch._assert_async(((index >= 0) & (index < regions)).all(),
+                            f"region_index ids must lie in [0, {regions}) for n_win={n_win}")
+    return index.to(torch.int32).contiguous()
+
+
 def _contiguous_rows(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
@@ -258,7 +277,7 @@ def routed_attention_fwd(q, k, v, index, n_win, scale, mask_padding):
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = _contiguous_rows(q, k, v)
-    index = index.contiguous()
+    index = _checked_index(index, n_win)
     grid, scalars, tiles, meta = _launch_config(q, v, n_win)
     B, H, W, NH, _ = q.shape
     out = q.new_empty(B, H, W, NH, v.shape[-1])
@@ -273,15 +292,16 @@ def routed_attention_fwd(q, k, v, index, n_win, scale, mask_padding):
 def routed_attention_bwd(grad_out, q, k, v, out, lse, index, n_win, scale, mask_padding):
     """``(dq, dk, dv)``, contiguous, in q's dtype."""
     q, k, v = _contiguous_rows(q, k, v)
-    index = index.contiguous()
+    index = index.to(torch.int32).contiguous()  # checked by the forward
     grad_out = grad_out.contiguous()
     grid, scalars, tiles, meta = _launch_config(q, v, n_win)
-    delta = (out.float() * grad_out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()  # rowsum(O * dO)
+    delta = torch.empty_like(lse)  # rowsum(O * dO), written by the dQ kernel
     dq, dk = torch.empty(q.shape, device=q.device, dtype=q.dtype), torch.empty(k.shape, device=q.device, dtype=q.dtype)
     dv = torch.empty(v.shape, device=q.device, dtype=q.dtype)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     topk = index.shape[-1]
-    _bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, index, dq, *strides, *_index_strides(index),
+    _bwd_dq_kernel[grid](q, k, v, out, grad_out, lse, delta, index, dq, *strides[:12], *_strides(out), *strides[12:],
+                         *_index_strides(index),
                          *scalars, topk, tiles, scale, MASK_PADDING=mask_padding, **meta)
     groups = index.flatten(0, 1) if index.ndim == 4 else index  # one routing table per batch (and head)
     q_regions, offsets = inverted_index(groups, n_win * n_win)

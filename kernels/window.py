@@ -55,7 +55,7 @@ def window_attention2d(
     shift_size: int | tuple[int, int] = 0,
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention inside (shifted) non-overlapping windows.
@@ -65,7 +65,8 @@ def window_attention2d(
         window_size, shift_size: ints or ``(height, width)`` pairs; ``0 <= shift < window``.
         rpb: additive relative position bias ``[heads, 2*wh-1, 2*ww-1]`` or None.
         scale: logit scale, default ``D ** -0.5``.
-        backend: ``"auto"`` (Triton for CUDA tensors it supports, else torch) | ``"torch"`` | ``"triton"``.
+        backend: ``"auto"`` (Triton for CUDA tensors it supports, else torch) | ``"torch"`` | ``"triton"``;
+            None (default): the switch's, :func:`kernels.use_backend`.
         dropout_p: dropout on the attention weights (pass 0 in eval).
     Returns:
         ``[B, H, W, heads, D]``.
@@ -78,7 +79,8 @@ def window_attention2d(
     if rpb is not None and tuple(rpb.shape) != (heads, 2 * wh - 1, 2 * ww - 1):
         raise ValueError(f"rpb must be [heads, 2w-1, 2w-1] = {[heads, 2 * wh - 1, 2 * ww - 1]}, got {list(rpb.shape)}")
     scale = D**-0.5 if scale is None else scale
-    if _checks.use_triton(q, backend, dropout_p=dropout_p):  # pads, rolls and masks inside the kernel
+    why = _checks.windowed_unsupported(q, (wh, ww), (1, 1), (sh, sw), True)
+    if _checks.use_triton(q, backend, dropout_p=dropout_p, atomics=rpb is not None, unsupported=why):  # pads, rolls and masks inside the kernel
         return _checks.triton_windowed.windowed_attention(q, k, v, rpb, (wh, ww), (1, 1), (sh, sw), True, scale)
 
     pad_h, pad_w = -H % wh, -W % ww

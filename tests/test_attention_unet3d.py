@@ -1,9 +1,9 @@
-"""AGUNet-style attention-gated 3-D U-Net (vision/models/attention_unet3d.py) and its wiring in the medical task."""
+"""AGUNet-style attention-gated 3-D U-Net (vision/heads/attention_unet3d.py) and its wiring in the medical task."""
 
 import pytest
 import torch
 
-from vision.models.attention_unet3d import AttentionGate, AttentionUNet3D
+from vision.heads.attention_unet3d import AttentionGate, AttentionUNet3D
 from vision.tasks.medical import MedicalSegmentationModule
 
 

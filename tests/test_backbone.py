@@ -11,9 +11,9 @@ import torch
 from vision.backbone import BackboneSpec
 from vision.heads.segmentation import create_segmentation_model
 from vision.tasks.classification import ClassificationModule
-from vision.tasks.detection import build_detector
+from vision.tasks.detection import create_detector
 from vision.tasks.distillation import Distillation
-from vision.tasks.medical import build_network
+from vision.tasks.medical import create_network
 from vision.weights import UnsafeCheckpointError
 
 RESNET = dict(name="resnet18", kwargs=dict(channels=[8, 16, 32, 64]))
@@ -22,11 +22,11 @@ VIT = dict(name="vit_tiny_patch16_224", kwargs=dict(patch_size=8, embed_dim=64, 
 # every task's way from a backbone config to weights (each must go through vision.weights)
 BACKBONE_PATHS = {
     "classification": lambda b: ClassificationModule(b, num_classes=3),
-    "detection": lambda b: build_detector("retinanet", b, num_classes=2, min_size=64, max_size=64),
+    "detection": lambda b: create_detector("retinanet", b, num_classes=2, min_size=64, max_size=64),
     "segmentation_upernet": lambda b: create_segmentation_model("upernet", b, 3, decoder_channels=32),
     "segmentation_fpn": lambda b: create_segmentation_model("fpn", b, 3, decoder_channels=32),
     "segmentation_dtop": lambda b: create_segmentation_model("dtop", {**b, **VIT}, 3, dtop={"variant": "dtop_tiny"}),
-    "medical_smp": lambda b: build_network("smp", b, in_channels=3, num_classes=2, spatial_dims=2),
+    "medical_smp": lambda b: create_network("smp", b, in_channels=3, num_classes=2, spatial_dims=2),
     "distillation_teacher": lambda b: Distillation(b).build(num_classes=3, in_chans=3),
 }
 

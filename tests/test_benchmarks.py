@@ -9,16 +9,34 @@ import bench_window_kernels  # noqa: E402
 
 def test_window_benchmark_smoke(tmp_path):
     out = tmp_path / "table.md"
-    assert bench_window_kernels.main(["--device", "cpu", "--methods", "torch", "sdpa", "timm", "--out", str(out)]) == 0
+    names = ("torch", "sdpa", "timm_attn", "timm")
+    assert bench_window_kernels.main(["--device", "cpu", "--methods", *names, "--out", str(out)]) == 0
     rows = {}
     for line in out.read_text().splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] in ("torch", "sdpa", "timm"):
+        if cells[0] in names:
             rows.setdefault(cells[0], []).append(cells)
-    assert all(len(rows[name]) == 2 for name in ("torch", "sdpa", "timm")), out.read_text()  # both shapes ran
+    assert all(len(rows[name]) == 2 for name in names), out.read_text()  # both shapes ran
     for cells in rows["sdpa"]:
-        assert float(cells[-1]) < 1e-5  # the unfolded-window SDPA baseline computes the same attention
+        assert float(cells[-2]) < 1e-5 and float(cells[-1]) < 1e-5  # same attention: output and gradients
         assert float(cells[3]) > 0  # forward+backward time
+    swin = rows["timm_attn"][1]  # timm's attention math (no projections) equals the Swin reference
+    assert float(swin[-2]) < 1e-5 and float(swin[-1]) < 1e-5, swin
+
+
+def test_tiled_flex_mask_computes_the_same_attention(monkeypatch):
+    """The token-permuted FlexAttention baseline (8x8 tiles, padded; Swin windows padded to 64 slots) equals
+    the reference; eager Flex on CPU, forward only (Flex has no CPU backward)."""
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    for kind, ks in (("na", 3), ("swin", 4)):
+        shape = (1, 12, 12, 2, 16)
+        q, k, v = (torch.randn(shape) for _ in range(3))
+        rpb = 0.5 * torch.randn(2, 2 * ks - 1, 2 * ks - 1)
+        ref = bench_window_kernels.methods(kind, shape, ks, "cpu", ["torch"])["torch"][0](q, k, v, rpb)
+        got = bench_window_kernels.flex_tiled_method(kind, shape, ks, "cpu")(q, k, v, rpb)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=kind)
 
 
 def test_pruning_flops_are_counted_with_pruning_in_effect():

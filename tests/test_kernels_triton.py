@@ -5,9 +5,11 @@ per program, so the grids are small but cover several tiles, odd non-square size
 sizes, padding, shift and RPB. The reference always runs in fp32.
 """
 
+import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ NEIGHBORHOOD_CASES = [  # (B, H, W, heads, D), kernel_size, dilation, rpb, dtype
     ((1, 13, 10, 1, 16), 4, 2, True, torch.float32),  # even kernel, dilation, several tiles
     ((2, 12, 17, 1, 32), 5, (1, 3), False, torch.float32),
     ((1, 11, 9, 1, 16), (5, 3), (2, 1), True, torch.float16),
+    ((1, 12, 11, 1, 96), 7, 1, True, torch.float16),  # D > 64: 32-key chunks; 7x7 key rectangles in 4 steps
 ]
 WINDOW_CASES = [  # (B, H, W, heads, D), window_size, shift_size, rpb, dtype
     ((1, 10, 9, 2, 16), 4, 2, True, torch.float32),  # padded and shifted
@@ -33,6 +36,7 @@ WINDOW_CASES = [  # (B, H, W, heads, D), window_size, shift_size, rpb, dtype
     ((2, 15, 13, 1, 16), 7, 3, True, torch.float16),
     ((1, 6, 11, 2, 16), 2, 1, True, torch.float32),  # HiLo's 2x2 windows, many to a program
     ((1, 15, 14, 1, 16), 13, 6, True, torch.float32),  # 169-token windows: keys in several steps
+    ((1, 13, 15, 1, 80), 13, 4, True, torch.float32),  # D > 64: a window's rows split over 7 programs
 ]
 
 
@@ -160,3 +164,62 @@ def test_import_needs_no_gpu():
     code = ("import sys, torch, kernels; assert 'triton' in sys.modules; "
             "assert not torch.cuda.is_initialized(), 'importing kernels initialised CUDA'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+
+
+CONFIG_SHAPES = [  # (kind, kernel, dilation, D): every kernel size and head dim the models use, and the edges
+    *[("na", k, d, D) for k in (3, 5, 7, 9, 11, 13) for d in (1, 2) for D in (16, 32, 64, 128)],
+    *[("swin", w, 0, D) for w in (2, 3, 4, 7, 8, 12, 13, 16, 24) for D in (16, 32, 64, 96, 128)],
+]
+
+
+@pytest.mark.parametrize("kind,k,dilation,D", CONFIG_SHAPES)
+def test_launch_config_tiles_cover_every_query_once(kind, k, dilation, D):
+    """The config table, without a tensor: tiles of at most 64 queries (32 at D > 32) that fill tl.dot's 16 rows,
+    whole windows or whole rows of one window for Swin, and a 1-D grid of every (batch, head, group, tile)."""
+    tw = _checks.triton_windowed
+    blocked = kind == "swin"
+    shape = (2, 40, 37, 3, D)
+    grid, (tiles_y, tiles_x), metas = tw.launch_config(shape, torch.float16, (k, k), (dilation or 1,) * 2,
+                                                       (k // 2 if blocked else 0,) * 2, blocked, True)
+    meta = metas["fwd"]
+    assert set(metas) == {"fwd", "dq", "dkdv"} and len(grid) == 1
+    tqh, tqw, split = meta["TQH"], meta["TQW"], meta["SPLIT"]
+    assert 16 <= meta["BLOCK_M"] <= (64 if D <= 32 else 32) and tqh * tqw <= meta["BLOCK_M"]
+    assert meta["BLOCK_D"] >= D and meta["BLOCK_N"] <= 64 and meta["num_stages"] == 1
+    groups = 1 if blocked else dilation ** 2
+    assert grid[0] == shape[0] * shape[3] * groups * tiles_y * tiles_x
+    if blocked:
+        assert tqw % k == 0 and (split == 1 and tqh == k or tqw == k and tqh * split >= k > tqh * (split - 1))
+        assert (meta["RH"], meta["RW"]) == (k, tqw)
+        assert tiles_y == math.ceil(40 / k) * split and tiles_x * tqw >= math.ceil(37 / k) * k
+    else:
+        assert (tqh, tqw, meta["RH"], meta["RW"]) == (4, 4, k + 3, k + 3)
+        assert tiles_y * 4 >= math.ceil(40 / dilation) and tiles_x * 4 >= math.ceil(37 / dilation)
+
+
+def test_shapes_without_a_config_are_named_and_auto_falls_back():
+    tw = _checks.triton_windowed
+    with pytest.raises(tw.Unsupported, match=r"80 tokens wide.*\[1, 8, 80, 1, 16\]"):
+        tw.launch_config((1, 8, 80, 1, 16), torch.float16, (4, 80), (1, 1), (0, 0), True)
+    q = torch.randn(1, 8, 80, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"backend='triton'.*\[1, 8, 80, 1, 16\]"):
+        window_attention2d(q, q, q, (4, 80), backend="triton")
+    cuda_q = types.SimpleNamespace(is_cuda=True, shape=q.shape, dtype=torch.float16)  # stands in for a GPU tensor
+    assert _checks.use_triton(cuda_q, "auto") and not _checks.use_triton(cuda_q, "auto", unsupported="no tile")
+
+
+def test_deterministic_mode_refuses_the_rpb_atomics():
+    q, k, v, rpb = inputs((1, 8, 8, 1, 16), (5, 5), torch.float32)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="deterministic"):
+            neighborhood_attention2d(q, k, v, 3, rpb=rpb, backend="triton")
+        neighborhood_attention2d(q, k, v, 3, backend="triton")  # no bias gradient, no atomics
+        cuda_q = types.SimpleNamespace(is_cuda=True, shape=q.shape, dtype=q.dtype)
+        assert not _checks.use_triton(cuda_q, "auto", atomics=True) and _checks.use_triton(cuda_q, "auto",
+                                                                                            atomics=False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# The sm_90 compile check of the dispatched windowed (and BRA) kernels is tests/test_kernel_report.py.

@@ -19,8 +19,8 @@ from vision.datamodules.transforms import load_case_transform
 from vision.tasks.medical import (
     MedicalSegmentationModule,
     SliceWise,
-    build_network,
     case_metrics,
+    create_network,
     slice_stacks,
 )
 from vision.utils import train
@@ -325,9 +325,9 @@ def test_smp_on_a_registered_backbone_trains_slicewise(backbone):
         assert module.eval().predict(image).shape == (1, 2, 64, 64, 4)
 
 
-def test_build_network_rejects_unknown_names():
+def test_create_network_rejects_unknown_names():
     with pytest.raises(ValueError, match="network='nope'"):
-        build_network("nope", {"name": "resnet18"}, 1, 2, 3)
+        create_network("nope", {"name": "resnet18"}, 1, 2, 3)
     with pytest.raises(ValueError, match="set model.context=0"):
         MedicalSegmentationModule({"name": "resnet18"}, num_classes=2, roi_size=(32, 32), context=1)
 
@@ -397,6 +397,6 @@ def test_smp_backbone_loads_a_local_pretrained_file(tmp_path):
     torch.save(source.state_dict(), tmp_path / "resnet18.pth")
     backbone = {"name": "resnet18", "pretrained_file": str(tmp_path / "resnet18.pth"),
                 "kwargs": {"channels": [8, 16, 32, 64]}}
-    net = build_network("smp", backbone, in_channels=3, num_classes=2, spatial_dims=2)
+    net = create_network("smp", backbone, in_channels=3, num_classes=2, spatial_dims=2)
     torch.testing.assert_close(dict(net.encoder.model.named_parameters())["layer4.1.conv2.weight"],
                                source.layer4[1].conv2.weight)

@@ -1,25 +1,26 @@
 """The shared model battery: every model this package registers keeps timm's contract.
 
-Models are found through ``vision.list_models()``, so a new family joins by being imported in
-``vision/models/__init__.py``. Each family module publishes ``PUBLISHED_PARAMS`` (the papers'
+Models are found through ``vision.list_models()``; every module of ``vision/models`` not starting with ``_`` is a
+family that registers itself, so a new family file is in the battery by existing. Each family module publishes ``PUBLISHED_PARAMS`` (the papers'
 parameter counts as printed, e.g. ``"13.1M"``) that the count check compares against. Inputs are small (64 px) to stay fast on CPU.
 """
 
 import importlib
 import math
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 import vision
-from vision.models import _FAMILIES
+from vision.models import FAMILIES
 
 MODELS = vision.list_models()
 SIZE = 64
 PUBLISHED = {
     name: count
-    for family in _FAMILIES
+    for family in FAMILIES
     for name, count in getattr(importlib.import_module(f"vision.models.{family}"), "PUBLISHED_PARAMS", {}).items()
 }
 
@@ -33,9 +34,14 @@ def image(batch: int = 2, height: int = SIZE, width: int = SIZE, chans: int = 3)
     return torch.randn(batch, chans, height, width, generator=torch.Generator().manual_seed(1))
 
 
-def test_every_family_registers_models():
-    assert MODELS, "no models registered"
-    assert set(MODELS) <= set(timm.list_models())
+def test_every_family_file_is_in_the_battery():
+    """Every family file on disk registers variants with timm, and all of them are in MODELS."""
+    on_disk = sorted(p.stem for p in Path(vision.models.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+    assert on_disk and list(FAMILIES) == on_disk
+    for family in on_disk:
+        registered = timm.list_models(module=family)
+        assert registered, f"vision/models/{family}.py registers no model with timm"
+        assert set(registered) <= set(MODELS), f"{family}: {sorted(set(registered) - set(MODELS))} not in the battery"
 
 
 def matches_published(count: int, published: str) -> bool:
@@ -60,14 +66,11 @@ def test_parameter_count_matches_published(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_forward_and_grad_checkpointing(name):
+def test_forward(name):
     model = create(name, num_classes=10).eval()
-    x = image()
     with torch.no_grad():
-        out = model(x)
-        assert out.shape == (2, 10) and torch.isfinite(out).all()
-        model.set_grad_checkpointing()
-        torch.testing.assert_close(model(x), out)
+        out = model(image())
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -76,6 +79,9 @@ def test_backward_reaches_every_parameter(name):
     model(image()).mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"parameters without gradient: {missing[:5]}"
+
+
+# grad checkpointing is checked in training mode, gradients against the plain run, in tests/test_timm_contract.py
 
 
 @pytest.mark.parametrize("name", MODELS)

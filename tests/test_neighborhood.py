@@ -201,7 +201,7 @@ def test_module_pads_small_inputs_and_learns_its_bias():
 
 
 def test_nat_unet3d_shapes_and_gradients():
-    from vision.models.nat_unet3d import NATUNet3D
+    from vision.heads.nat_unet3d import NATUNet3D
 
     net = NATUNet3D(2, 3, embed_dim=8, depths=(1, 2), num_heads=(1, 2), dilations=((2,), (1, 3)))
     x = torch.randn(1, 2, 13, 18, 9)  # padded to multiples of 4, cropped back; small stages lower the dilation

@@ -28,6 +28,7 @@ STEPPED_ELSEWHERE = {
     "quickstart_medical2d": ("test_medical.py", "test_quickstart_medical2d_step"),
     "msd_spleen": ("test_medical.py", "test_msd_spleen_recipe_step"),
     "medmnist": ("test_medical.py", "test_medmnist_recipe_step"),
+    "quickstart_medical_nat3d": ("test_medical.py", "test_quickstart_medical_nat3d_step"),
     "quickstart": ("test_pipeline.py", "test_quickstart_learns"),
 }
 # Small, offline stand-ins for the data each experiment expects.
@@ -67,9 +68,12 @@ def test_experiment_composes_and_instantiates(compose_cfg, experiment, config_na
 
 
 def runs_experiment(test_file: str, function: str, experiment: str) -> bool:
-    """Whether ``function`` in ``tests/<test_file>`` composes ``experiment=<experiment>``: literally, or through
+    """Whether ``function`` in ``test_file`` (under ``tests/``) composes ``experiment=<experiment>``: literally, or through
     an ``experiment={...}`` override with the name in its parametrize list."""
-    tree = ast.parse((ROOT / "tests" / test_file).read_text())
+    found = sorted((ROOT / "tests").rglob(test_file))  # wherever the file sits under tests/
+    if len(found) != 1:
+        return False
+    tree = ast.parse(found[0].read_text())
     test = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function), None)
     if test is None:
         return False

@@ -91,7 +91,7 @@ def measure(name: str, device: str, batch: int, repeats: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", default="*", help="fnmatch pattern over the registered names")
+    parser.add_argument("--models", nargs="+", default=["*"], help="fnmatch patterns over the registered names")
     parser.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 4 on CPU")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps after one warm-up (CUDA 10, CPU 2)")
     parser.add_argument("--out", type=Path, default=None)
@@ -105,9 +105,9 @@ def main(argv=None) -> int:
 
     import vision
 
-    names = vision.list_models(args.models)
+    names = sorted({name for pattern in args.models for name in vision.list_models(pattern)})
     if not names:
-        raise SystemExit(f"--models {args.models!r} matches no registered model; see vision.list_models()")
+        raise SystemExit(f"--models {' '.join(args.models)!r} matches no registered model; see vision.list_models()")
     device_name = torch.cuda.get_device_name() if cuda else "CPU"
     rows = []
     for name in names:

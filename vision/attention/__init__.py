@@ -2,7 +2,8 @@
 
 Every module maps a channels-last token grid ``[B, H, W, C] -> [B, H, W, C]``
 (token-pruning modules on ``[B, N, C]`` say so), works for any H and W, and,
-where a fused kernel exists, takes ``backend="auto" | "torch" | "triton"``.
+where a fused kernel exists, runs it on the backend of the one switch, :func:`kernels.use_backend`
+(``"auto" | "torch" | "triton"``; a module's ``backend`` attribute overrides it for that module only).
 Modules with something to show implement ``attention_maps(*forward_args) -> [B, M, h, w]`` (no grad;
 M maps on the module's grid), which :class:`vision.callbacks.AttentionMaps` draws over the images.
 """

@@ -18,6 +18,8 @@ from kernels import window_attention2d
 
 
 class HiLoAttention(nn.Module):
+    backend: str | None = None  # kernel backend override for this module; None follows kernels.use_backend
+
     def __init__(self, dim: int, num_heads: int = 8, window_size: int = 2, alpha: float = 0.9,
                  qkv_bias: bool = True, qk_scale: float | None = None):
         super().__init__()
@@ -40,7 +42,7 @@ class HiLoAttention(nn.Module):
     def hifi(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
         q, k, v = self.h_qkv(x).view(B, H, W, 3, self.h_heads, self.head_dim).unbind(3)
-        out = window_attention2d(q, k, v, self.window_size, scale=self.scale)
+        out = window_attention2d(q, k, v, self.window_size, scale=self.scale, backend=self.backend)
         return self.h_proj(out.reshape(B, H, W, self.h_dim))
 
     def lofi(self, x: torch.Tensor) -> torch.Tensor:

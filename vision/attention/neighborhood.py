@@ -25,6 +25,7 @@ class _NeighborhoodAttention(nn.Module):
     """
 
     RANK = 2
+    backend: str | None = None  # kernel backend override for this module; None follows kernels.use_backend
 
     def __init__(
         self,
@@ -38,7 +39,6 @@ class _NeighborhoodAttention(nn.Module):
         proj_drop: float = 0.0,
         rel_pos_bias: bool = True,
         dilation_policy: str = "error",
-        backend: str = "auto",
         *,
         stride=1,
         is_causal=False,
@@ -52,7 +52,7 @@ class _NeighborhoodAttention(nn.Module):
         self._kernel = _per_axis(kernel_size, n, "kernel_size")
         self._dilation = _per_axis(dilation, n, "dilation")
         self.scale = qk_scale or self.head_dim**-0.5
-        self.dilation_policy, self.backend = dilation_policy, backend
+        self.dilation_policy = dilation_policy
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.rpb = nn.Parameter(torch.zeros(num_heads, *[2 * k - 1 for k in self._kernel])) if rel_pos_bias else None
         if self.rpb is not None:

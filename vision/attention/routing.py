@@ -50,8 +50,9 @@ class BiLevelRoutingAttention(nn.Module):
         mask_padding: mask padded tokens out of the keys instead of the official unmasked padding.
         max_chunk_elements: torch backend: bound on the gathered K/V and attention-matrix elements held at once
             (sets the chunk size).
-        backend: token-attention backend of :func:`kernels.bilevel_routing_attention`.
     """
+
+    backend: str | None = None  # kernel backend override for this module; None follows kernels.use_backend
 
     def __init__(
         self,
@@ -64,7 +65,6 @@ class BiLevelRoutingAttention(nn.Module):
         side_dwconv: int = 5,
         mask_padding: bool = False,
         max_chunk_elements: int = 2**24,
-        backend: str = "auto",
     ):
         super().__init__()
         self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
@@ -72,7 +72,7 @@ class BiLevelRoutingAttention(nn.Module):
         if self.qk_dim % num_heads or dim % num_heads:
             raise ValueError(f"qk_dim {self.qk_dim} and dim {dim} must be divisible by num_heads {num_heads}")
         self.scale = qk_scale or self.qk_dim**-0.5
-        self.mask_padding, self.max_chunk_elements, self.backend = mask_padding, max_chunk_elements, backend
+        self.mask_padding, self.max_chunk_elements = mask_padding, max_chunk_elements
         self.qkv = nn.Linear(dim, 2 * self.qk_dim + dim)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv else None
         self.proj = nn.Linear(dim, dim)

@@ -49,8 +49,9 @@ class VSAWindowAttention(nn.Module):
         window_size: the default window ``ws`` (square).
         zero_init_sampling: start the offset / scale predictors at zero (False: PyTorch's default init,
             the official behaviour).
-        backend: window-attention backend of :func:`kernels.window_attention2d`.
     """
+
+    backend: str | None = None  # kernel backend override for this module; None follows kernels.use_backend
 
     def __init__(
         self,
@@ -63,14 +64,13 @@ class VSAWindowAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         zero_init_sampling: bool = True,
-        backend: str = "auto",
     ):
         super().__init__()
         out_dim = out_dim or dim
         if out_dim % num_heads:
             raise ValueError(f"out_dim {out_dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim, self.out_dim = num_heads, out_dim // num_heads, out_dim
-        self.window_size, self.backend = window_size, backend
+        self.window_size = window_size
         self.scale = qk_scale or (dim // num_heads) ** -0.5  # official: from the input width
         self.sampling_offsets = nn.Linear(dim, 2 * num_heads)
         self.sampling_scales = nn.Linear(dim, 2 * num_heads)

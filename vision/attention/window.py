@@ -18,13 +18,15 @@ class WindowAttention(nn.Module):
     and cropped after. ``rel_pos_bias`` adds Swin's learned table (``relative_position_bias_table``).
     """
 
+    backend: str | None = None  # kernel backend override for this module; None follows kernels.use_backend
+
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0,
-                 qkv_bias: bool = True, rel_pos_bias: bool = False, backend: str = "auto"):
+                 qkv_bias: bool = True, rel_pos_bias: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.window_size, self.shift_size, self.backend = window_size, shift_size, backend
+        self.window_size, self.shift_size = window_size, shift_size
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = None

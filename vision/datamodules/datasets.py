@@ -117,11 +117,12 @@ def reseed(transform, seed: int | None) -> None:
 
 
 class TransformedDataset(Dataset):
-    """Base for datasets that yield ``(transform(image=HWC uint8)["image"], label)``.
+    """Base of every dataset here: :meth:`load` a checked sample, then :meth:`apply` the transform to it.
 
-    ``bad_samples`` applies the bad-sample policy to :meth:`load`. An index may come as
-    ``(index, seed)`` (:class:`~vision.datamodules.loaders.ResumableSampler` with ``sample_seeds``):
-    the transform is then reseeded, so augmentations are a function of (seed, epoch, index).
+    ``bad_samples`` applies the bad-sample policy to :meth:`load` (a skipped sample is ``None``). An index may
+    come as ``(index, seed)`` (:class:`~vision.datamodules.loaders.ResumableSampler` with ``sample_seeds``):
+    the transform is then reseeded first, so augmentations are a function of (seed, epoch, index). The default
+    :meth:`apply` yields ``(transform(image=HWC uint8)["image"], label)``.
     """
 
     sample_seeds = True  # takes (index, seed) keys
@@ -137,16 +138,17 @@ class TransformedDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, int]:
         raise NotImplementedError
 
+    def apply(self, index: int, sample):
+        image, label = sample
+        return (image if self.transform is None else self.transform(image=image)["image"]), label
+
     def __getitem__(self, key):
         index, seed = split_key(key)
         sample = self.bad_samples.read(self.load, index)
         if sample is None:
             return None
-        image, label = sample
-        if self.transform is not None:
-            reseed(self.transform, seed)
-            image = self.transform(image=image)["image"]
-        return image, label
+        reseed(self.transform, seed)
+        return self.apply(index, sample)
 
 
 def collate_skip_none(batch):
@@ -241,10 +243,8 @@ class ArrayDataset(TransformedDataset):
 # ---- semantic segmentation -----------------------------------------------------------------------------
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(TransformedDataset):
     """``(image CHW float tensor, mask HW int64 tensor)`` for each ``(image path, mask path)`` pair."""
-
-    sample_seeds = True  # takes (index, seed) keys: augmentations resume mid-epoch with the data order
 
     def __init__(
         self,
@@ -262,9 +262,9 @@ class SegmentationDataset(Dataset):
                 f"num_classes={num_classes}, ignore_index={ignore_index}: masks are stored as uint8, "
                 "so need 0 < num_classes <= ignore_index <= 255"
             )
-        self.samples, self.num_classes, self.transform = samples, num_classes, transform
+        super().__init__(transform, bad_samples)
+        self.samples, self.num_classes = samples, num_classes
         self.in_chans, self.reduce_zero_label, self.ignore_index = in_chans, reduce_zero_label, ignore_index
-        self.bad_samples = bad_samples or BadSamples("error")
         self.lookup = None if label_map is None else label_lookup(label_map, ignore_index)  # built once
 
     def __len__(self) -> int:
@@ -277,14 +277,9 @@ class SegmentationDataset(Dataset):
             self.lookup,
         )
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor] | None:
-        index, seed = split_key(key)
-        sample = self.bad_samples.read(self.load, index)  # None: skipped under data.on_bad_sample=skip
-        if sample is None:
-            return None
+    def apply(self, index: int, sample) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = sample
         if self.transform is not None:
-            reseed(self.transform, seed)
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return torch.as_tensor(image), torch.as_tensor(mask).long()
@@ -339,7 +334,7 @@ class SeededVolumes(Dataset):
         return self.dataset[index]
 
 
-class MaskFolderDataset(Dataset):
+class MaskFolderDataset(TransformedDataset):
     """Image/mask pairs read with PIL, checked, then augmented by an albumentations ``transform``.
 
     ``binary_masks``: masks are 0/255 drawings (values > 127 are foreground, JPEG noise tolerated);
@@ -347,26 +342,19 @@ class MaskFolderDataset(Dataset):
     policy (a skipped case is ``None``); keys may be ``(index, seed)`` pairs, reseeding the augmentation.
     """
 
-    sample_seeds = True
-
     def __init__(self, cases: list[dict], transform: A.Compose, num_classes: int, in_channels: int = 3,
                  binary_masks: bool = True, bad_samples: BadSamples | None = None):
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels={in_channels}: images are read as grayscale (1) or RGB (3)")
-        self.cases, self.transform, self.num_classes = cases, transform, num_classes
+        super().__init__(transform, bad_samples)
+        self.cases, self.num_classes = cases, num_classes
         self.mode, self.binary = ("L" if in_channels == 1 else "RGB"), binary_masks
-        self.bad_samples = bad_samples or BadSamples("error")
 
     def __len__(self) -> int:
         return len(self.cases)
 
-    def __getitem__(self, key) -> dict | None:
-        index, seed = split_key(key)
-        sample = self.bad_samples.read(self.load, index)
-        if sample is None:
-            return None
+    def apply(self, index: int, sample) -> dict:
         image, mask = sample
-        reseed(self.transform, seed)
         out = self.transform(image=image, mask=mask)
         return {"image": out["image"], "label": out["mask"][None].long(), "case": self.cases[index]["case"]}
 

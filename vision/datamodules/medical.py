@@ -38,7 +38,28 @@ def _raise_case_error(err: BaseException) -> None:
     raise err
 
 
-class DecathlonDataModule(SplitLoaders, L.LightningDataModule):
+class _CaseDataModule(SplitLoaders, L.LightningDataModule):
+    """What both medical datamodules share: cases under ``root`` split by patient, a bad-sample policy, and a
+    synthetic set written by :attr:`write_synthetic` when ``synthetic`` is set."""
+
+    SPATIAL_DIMS = 3
+    write_synthetic = staticmethod(write_synthetic_decathlon)
+
+    def _init_cases(self, root: str, num_classes: int, in_channels: int, patch_size, on_bad_sample: str) -> None:
+        self.root = Path(root).expanduser()
+        self.num_classes, self.in_channels = num_classes, in_channels
+        if len(patch_size) != self.SPATIAL_DIMS:
+            raise ValueError(f"data.patch_size={list(patch_size)}: expected {self.SPATIAL_DIMS} sizes for "
+                             f"{self.SPATIAL_DIMS}-D {'volumes' if self.SPATIAL_DIMS == 3 else 'images'}")
+        self.bad_samples = BadSamples(on_bad_sample)
+        self.train_set = self.val_set = self.test_set = None
+
+    def prepare_data(self) -> None:
+        if self.hparams.synthetic:
+            self.write_synthetic(self.root, **self.hparams.synthetic)
+
+
+class DecathlonDataModule(_CaseDataModule):
     """3-D volumes in the Medical Segmentation Decathlon layout, through MONAI dictionary transforms.
 
     The labelled cases of ``dataset.json`` are split by patient into train/val/test (``split_seed``), so
@@ -83,16 +104,7 @@ class DecathlonDataModule(SplitLoaders, L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.root = Path(root).expanduser()
-        self.num_classes, self.in_channels = num_classes, in_channels
-        if len(patch_size) != 3:
-            raise ValueError(f"data.patch_size={list(patch_size)}: expected three sizes for 3-D volumes")
-        self.bad_samples = BadSamples(on_bad_sample)
-        self.train_set = self.val_set = self.test_set = None
-
-    def prepare_data(self) -> None:
-        if self.hparams.synthetic:
-            write_synthetic_decathlon(self.root, **self.hparams.synthetic)
+        self._init_cases(root, num_classes, in_channels, patch_size, on_bad_sample)
 
     def _transforms(self, train: bool):
         hp = self.hparams
@@ -123,7 +135,7 @@ class DecathlonDataModule(SplitLoaders, L.LightningDataModule):
         self.train_set = SeededVolumes(train_set)
 
 
-class MaskFolderDataModule(SplitLoaders, L.LightningDataModule):
+class MaskFolderDataModule(_CaseDataModule):
     """2-D segmentation from ``root/images`` + ``root/masks`` (Kvasir-SEG, ISIC), split by case with a fixed
     seed into train/val/test. Images are resized (eval) or randomly cropped (train) to ``patch_size``.
 
@@ -135,6 +147,8 @@ class MaskFolderDataModule(SplitLoaders, L.LightningDataModule):
     """
 
     collate_fn = staticmethod(collate_skip_none)
+    SPATIAL_DIMS = 2
+    write_synthetic = staticmethod(write_synthetic_masks)
 
     def __init__(
         self,
@@ -158,16 +172,7 @@ class MaskFolderDataModule(SplitLoaders, L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.root = Path(root).expanduser()
-        self.num_classes, self.in_channels = num_classes, in_channels
-        if len(patch_size) != 2:
-            raise ValueError(f"data.patch_size={list(patch_size)}: expected two sizes for 2-D images")
-        self.bad_samples = BadSamples(on_bad_sample)
-        self.train_set = self.val_set = self.test_set = None
-
-    def prepare_data(self) -> None:
-        if self.hparams.synthetic:
-            write_synthetic_masks(self.root, **self.hparams.synthetic)
+        self._init_cases(root, num_classes, in_channels, patch_size, on_bad_sample)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -1,4 +1,6 @@
-"""Task heads on timm backbones: the segmentation decoders, WAU (window-attention upsampling) and DToP (a segmenter on a plain ViT)."""
+"""Task networks beyond timm backbones: the segmentation decoders, WAU (window-attention upsampling), DToP (a
+segmenter on a plain ViT), NATUNet3D (a 3-D neighborhood-attention U-Net for volumes) and AttentionUNet3D (an
+attention-gated 3-D U-Net); :mod:`.nat_unet3d` and :mod:`.attention_unet3d` are imported where used."""
 
 from .dtop import VARIANTS as DTOP_VARIANTS
 from .dtop import DToP, create_dtop

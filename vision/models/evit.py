@@ -2,7 +2,7 @@
 
 Paper: "Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations"
 (ICLR 2022, https://arxiv.org/abs/2202.07800). Architecture as in youweiliang/evit (evit.py,
-``deit_*_patch16_shrink_base``): a DeiT whose blocks at ``drop_loc`` (3, 6, 9) keep the
+``deit_*_patch16_shrink_base``): a DeiT whose blocks at ``pruning_loc`` (3, 6, 9) keep the
 ``ceil(keep_rate * tokens)`` patch tokens the class token attends to most and fuse the rest into one token
 (:mod:`vision.attention.pruning`). Pruning adds no parameters, so the counts are DeiT's.
 
@@ -72,7 +72,7 @@ class EViT(ClassTokenViT):
     Args:
         keep_rate: fraction of patch tokens kept at each pruning block (evaluation, and the end of the
             training schedule).
-        drop_loc: indices of the pruning blocks.
+        pruning_loc: indices of the pruning blocks.
         fuse_token: fuse the pruned tokens into one extra token (the published models do).
         embed_dim, depth, num_heads: ViT width, blocks, heads. Other arguments as in timm's ViT.
     """
@@ -92,7 +92,7 @@ class EViT(ClassTokenViT):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         keep_rate: float = 0.7,
-        drop_loc: tuple[int, ...] = (3, 6, 9),
+        pruning_loc: tuple[int, ...] = (3, 6, 9),
         fuse_token: bool = True,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
@@ -102,14 +102,14 @@ class EViT(ClassTokenViT):
     ):
         super().__init__(img_size, patch_size, in_chans, num_classes, global_pool, embed_dim, depth, drop_rate,
                          pos_drop_rate)
-        if any(not 0 <= i < depth for i in drop_loc):
-            raise ValueError(f"drop_loc={tuple(drop_loc)} must index the {depth} blocks")
+        if any(not 0 <= i < depth for i in pruning_loc):
+            raise ValueError(f"pruning_loc={tuple(pruning_loc)} must index the {depth} blocks")
         self.keep_rate, self.fuse_token = keep_rate, fuse_token
         self.train_keep_rate: float | None = None
         dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i],
-                  keep_rate if i in drop_loc else 1.0, fuse_token)
+                  keep_rate if i in pruning_loc else 1.0, fuse_token)
             for i in range(depth)
         ])
         self.init_weights()

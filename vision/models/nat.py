@@ -76,13 +76,12 @@ class NATBlock(nn.Module):
         layer_scale: float | None = None,
         norm_layer=nn.LayerNorm,
         dilation_policy: str = "error",
-        backend: str = "auto",
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = NeighborhoodAttention2D(
             dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-            dilation_policy=dilation_policy, backend=backend,
+            dilation_policy=dilation_policy,
         )
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -107,7 +106,6 @@ class NAT(PyramidBackbone):
         layer_scale: initial LayerScale value, or None for none.
         dilation_policy: ``"error"`` or ``"reduce"`` when an input is too small for a dilation
             (official behaviour pads the input up to ``kernel_size * dilation``; see the attention module).
-        backend: attention backend, ``"auto" | "torch" | "triton"``.
     """
 
     channels_last = True
@@ -131,7 +129,6 @@ class NAT(PyramidBackbone):
         layer_scale: float | None = None,
         norm_layer=nn.LayerNorm,
         dilation_policy: str = "error",
-        backend: str = "auto",
     ):
         super().__init__()
         dims = [int(embed_dim * 2**i) for i in range(len(depths))]
@@ -147,7 +144,7 @@ class NAT(PyramidBackbone):
                 [
                     NATBlock(
                         dims[i], num_heads[i], kernel_size, dilations[i][j], mlp_ratio, qkv_bias, proj_drop_rate,
-                        attn_drop_rate, dpr[i][j], layer_scale, norm_layer, dilation_policy, backend,
+                        attn_drop_rate, dpr[i][j], layer_scale, norm_layer, dilation_policy,
                     )
                     for j in range(depths[i])
                 ],

@@ -58,7 +58,7 @@ class TrainTimeNoResize(GeneralizedRCNNTransform):
         return super().resize(image, target)
 
 
-def build_detector(kind: str, backbone: BackboneSpec | dict, num_classes: int, fpn_channels: int = 256,
+def create_detector(kind: str, backbone: BackboneSpec | dict, num_classes: int, fpn_channels: int = 256,
                    min_size: int = 800, max_size: int = 1333, **kwargs) -> nn.Module:
     """A torchvision detector (``kind`` in :data:`DETECTORS`) with ``num_classes`` foreground classes on
     the timm backbone ``backbone`` (a :class:`~vision.backbone.BackboneSpec` or its ``configs/model`` entry;
@@ -142,7 +142,7 @@ class DetectionModule(L.LightningModule):
         self.hparams.backbone = backbone.to_dict()  # plain containers in checkpoints
         if schedule not in ("step", "cosine"):
             raise ValueError(f"schedule={schedule!r}; expected 'step' or 'cosine'")
-        self.detector = build_detector(detector, backbone, num_classes, fpn_channels, min_size, max_size,
+        self.detector = create_detector(detector, backbone, num_classes, fpn_channels, min_size, max_size,
                                        **(detector_kwargs or {}))
         iou_type = ("bbox", "segm") if detector == "mask_rcnn" else "bbox"
         self.val_map = MeanAveragePrecision(iou_type=iou_type, backend="pycocotools")
@@ -280,3 +280,6 @@ def _flatten(scores: dict) -> dict[str, torch.Tensor]:
             continue
         out[key.removeprefix("bbox_")] = value.float()
     return out
+
+
+build_detector = create_detector  # the former name

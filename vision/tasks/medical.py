@@ -32,15 +32,15 @@ from .schedules import per_step, training_steps, warmup_cosine
 NETWORKS = ("smp", "unet", "swin_unetr", "nat_unet3d", "attention_unet")
 
 
-def build_network(network: str, backbone: BackboneSpec | dict, in_channels: int, num_classes: int, spatial_dims: int,
+def create_network(network: str, backbone: BackboneSpec | dict, in_channels: int, num_classes: int, spatial_dims: int,
                   decoder: str = "unet", net_kwargs: dict | None = None) -> nn.Module:
     """The segmentation network, logits ``[B, num_classes, *spatial]``.
 
     ``smp``: ``smp.Unet``, ``smp.FPN`` or the WAU U-Net (:mod:`vision.heads.wau`) (``decoder``) on the timm
     backbone ``backbone`` (2-D);
     ``unet`` / ``swin_unetr``: MONAI's, in ``spatial_dims`` dimensions; ``nat_unet3d``: 3-D neighborhood
-    attention encoder + U-Net decoder (:class:`vision.models.nat_unet3d.NATUNet3D`); ``attention_unet``:
-    attention-gated 3-D U-Net, multi-scale input, deep supervision (:mod:`vision.models.attention_unet3d`).
+    attention encoder + U-Net decoder (:class:`vision.heads.nat_unet3d.NATUNet3D`); ``attention_unet``:
+    attention-gated 3-D U-Net, multi-scale input, deep supervision (:mod:`vision.heads.attention_unet3d`).
     ``net_kwargs`` go to the network.
     """
     net_kwargs = dict(net_kwargs or {})
@@ -76,13 +76,13 @@ def build_network(network: str, backbone: BackboneSpec | dict, in_channels: int,
         return SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=spatial_dims,
                          **{"feature_size": 24, **net_kwargs})
     if network == "nat_unet3d":
-        from ..models.nat_unet3d import NATUNet3D  # a whole network (like MONAI's), not a timm backbone
+        from ..heads.nat_unet3d import NATUNet3D  # a whole network (like MONAI's), not a timm backbone
 
         if spatial_dims != 3:
             raise ValueError(f"network=nat_unet3d is 3-D; got a {spatial_dims}-D roi_size")
         return NATUNet3D(in_channels, num_classes, **net_kwargs)
     if network == "attention_unet":
-        from ..models.attention_unet3d import AttentionUNet3D  # AGUNet-style (not MONAI's: see there)
+        from ..heads.attention_unet3d import AttentionUNet3D  # AGUNet-style (not MONAI's: see there)
 
         if spatial_dims != 3:
             raise ValueError(f"network=attention_unet is 3-D; got a {spatial_dims}-D roi_size")
@@ -136,7 +136,7 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
     diagonal = ((extent * scale) ** 2).sum(-1).sqrt().to(hd.dtype).expand(hd.shape[0]).unsqueeze(1)
     missed = (label_1h[:, 1:].flatten(2).amax(-1) > 0) & (pred_1h[:, 1:].flatten(2).amax(-1) == 0)
     hd = torch.where(missed.to(hd.device), diagonal.expand_as(hd), hd)
-    return dice.float(), hd.float()
+    return dice.float(), hd.float().to(dice.device)  # MONAI may compute HD95 on the host; metrics sync on device
 
 
 def case_table(values: dict[str, list[float]], names: list[str]) -> str:
@@ -209,7 +209,7 @@ class MedicalSegmentationModule(L.LightningModule):
         if network == "smp" and self.spatial_dims == 2 and context:
             raise ValueError("2-D images have no neighbouring slices: set model.context=0")
         channels = in_channels * (2 * context + 1) if self.slicewise else in_channels
-        self.net = build_network(network, backbone, channels, num_classes, 2 if network == "smp" else self.spatial_dims,
+        self.net = create_network(network, backbone, channels, num_classes, 2 if network == "smp" else self.spatial_dims,
                                  decoder, net_kwargs)
         self.volume_net = SliceWise(self.net, context) if self.slicewise else self.net
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, lambda_dice=lambda_dice,
@@ -328,7 +328,7 @@ class MedicalSegmentationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         dice = self._log_cases("val")
         if dice is not None and dice == dice:  # not NaN
-            self.val_dice_best(torch.tensor(dice))
+            self.val_dice_best(dice)  # a float: the metric puts it on its own device
         if self.val_dice_best.update_count:
             self.log("val/dice_best", self.val_dice_best.compute(), prog_bar=True)
 
@@ -360,3 +360,5 @@ class MedicalSegmentationModule(L.LightningModule):
                 sample = F.interpolate(sample.float(), size=size, mode="bilinear", align_corners=False)
             masks.append(sample.argmax(1)[0])
         return {"masks": masks}
+
+build_network = create_network  # the former name

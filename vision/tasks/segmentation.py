@@ -57,6 +57,24 @@ def slide_inference(
     return logits / counts
 
 
+def crop_to_masks(
+    logits: torch.Tensor, masks: torch.Tensor, sizes: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits, mask)`` pairs to score: the whole batch when nothing was resized or padded, else one pair per
+    sample, its logits cropped to the image and resized to the mask's original size. ``sizes`` ``[B, 4]``
+    (image h, w, mask h, w, on the batch's device) is read once on the host: its values decide the crops."""
+    rows = sizes.tolist()
+    if logits.shape[-2:] == masks.shape[-2:] and all(row == [*masks.shape[-2:]] * 2 for row in rows):
+        return [(logits, masks)]
+    pairs = []
+    for i, (h, w, mh, mw) in enumerate(rows):
+        sample = logits[i : i + 1, :, :h, :w]
+        if (h, w) != (mh, mw):
+            sample = F.interpolate(sample, size=(mh, mw), mode="bilinear", align_corners=False)
+        pairs.append((sample, masks[i : i + 1, :mh, :mw]))
+    return pairs
+
+
 class SegmentationModule(L.LightningModule):
     """Semantic segmentation: backbone by name, UPerNet / Semantic-FPN head, optional auxiliary head.
 
@@ -190,23 +208,13 @@ class SegmentationModule(L.LightningModule):
             return None
         images, masks, sizes = batch
         logits = self(self._images(images))
-        if logits.shape[-2:] == masks.shape[-2:] and (sizes == torch.tensor([*masks.shape[-2:]] * 2)).all():
-            # nothing resized or padded
-            pairs = [(logits, masks)]
-        else:
-            pairs = []
-            for i, (h, w, mh, mw) in enumerate(sizes.tolist()):
-                sample = logits[i : i + 1, :, :h, :w]
-                if (h, w) != (mh, mw):
-                    sample = F.interpolate(sample, size=(mh, mw), mode="bilinear", align_corners=False)
-                pairs.append((sample, masks[i : i + 1, :mh, :mw]))
         predictions = []
-        for sample, target in pairs:
-            if (target != self.hparams.ignore_index).any():  # an all-ignored mask has no defined loss
-                loss_metric(
-                    F.cross_entropy(sample, target, ignore_index=self.hparams.ignore_index),
-                    (target != self.hparams.ignore_index).sum(),
-                )
+        for sample, target in crop_to_masks(logits, masks, sizes):
+            # summed loss over the labelled pixels, weighted by their count: an all-ignored mask adds nothing,
+            # and no per-sample host sync decides whether to score it
+            labelled = (target != self.hparams.ignore_index).sum()
+            loss = F.cross_entropy(sample, target, ignore_index=self.hparams.ignore_index, reduction="sum")
+            loss_metric(loss / labelled.clamp_min(1), labelled)
             prediction = sample.argmax(1)
             for metric in metrics:
                 metric(prediction, target)
