@@ -60,7 +60,7 @@ step() {  # step <name> <time limit s> <output file or -> <command...>
   echo "== $name: $status" | tee -a "$log"
 }
 
-step "pytest -m gpu" 240 "$(basename "$log")" python -m pytest -m gpu -q -rA tests/test_gpu.py
+step "pytest -m gpu" 240 "$(basename "$log")" python -m pytest -m gpu -q -rA tests/pipeline/test_gpu.py
 step "bench_window_kernels --quick" 50 "window_kernels_${device}.md" \
   python benchmarks/bench_window_kernels.py --quick --out "$results/window_kernels_${device}.md"
 step "bench_bra --quick" 40 "bra_${device}.md" python benchmarks/bench_bra.py --quick --out "$results/bra_${device}.md"

@@ -62,12 +62,14 @@ def _attend(q, k, v, index, key_valid, scale):
 def _torch_reference(q, k, v, index, n, scale, mask_padding, max_chunk_elements):
     B, H, W, heads, _ = q.shape
     pad_h, pad_w = -H % n, -W % n
-    if pad_h or pad_w:
+    # symbolic sizes (torch.export, dynamic H/W): pad (maybe by 0) and use one chunk, so no branch on the size
+    symbolic = not (isinstance(H, int) and isinstance(W, int))
+    if symbolic or pad_h or pad_w:
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad_w, 0, pad_h)) for t in (q, k, v))
     qr, kr, vr = (_to_regions(t, n) for t in (q, k, v))
     index = (index[:, None] if index.ndim == 3 else index).expand(B, heads, -1, -1)
     key_valid = None
-    if mask_padding and (pad_h or pad_w):
+    if mask_padding and (symbolic or pad_h or pad_w):
         valid = torch.zeros(1, H + pad_h, W + pad_w, 1, 1, dtype=torch.bool, device=q.device)
         valid[:, :H, :W] = True
         key_valid = _to_regions(valid, n)[0, 0, :, :, 0]  # [n², P]
@@ -76,7 +78,7 @@ def _torch_reference(q, k, v, index, n, scale, mask_padding, max_chunk_elements)
     # per query region: its gathered K/V and its attention matrix (the math path, e.g. under a mask or
     # float64, materialises the logits and the weights)
     per_region = B * heads * topk * P * (k.shape[-1] + v.shape[-1] + 2 * P)
-    chunk = max(1, min(regions, max_chunk_elements // max(1, per_region)))
+    chunk = regions if symbolic else max(1, min(regions, max_chunk_elements // max(1, per_region)))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs = []
     for start in range(0, regions, chunk):

@@ -96,11 +96,12 @@ def _per_axis(value, n: int, name: str, kind=int) -> tuple:
     return value
 
 
-def _default_tile(length: int, k: int, s: int, d: int) -> int:
-    """Queries per tile along an axis: about ``k`` (measured best on CPU, ``benchmarks/bench_neighborhood.py``),
-    a multiple of the stride so that stride groups never straddle tiles, at most the group length."""
-    group_len = -(-length // d)
-    return min(s * max(1, round(k / s)), group_len)
+def _default_tile(length: int, k: int, s: int, d: int, rank: int) -> int:
+    """Queries per tile along an axis: about ``k``, at least enough for ~50 queries per tile (small matmuls
+    run far below peak on CPU: 7 for 2-D, 4 for 3-D measured best, ``benchmarks/bench_neighborhood.py``), a
+    multiple of the stride so that stride groups never straddle tiles, at most the group length."""
+    want = max(k, {1: 16, 2: 7, 3: 4}[rank])
+    return min(s * max(1, round(want / s)), -(-length // d))
 
 
 @functools.lru_cache(maxsize=512)
@@ -145,9 +146,11 @@ def _place(t: torch.Tensor, axis: int, n: int) -> torch.Tensor:
     return t.view(shape)
 
 
-@functools.lru_cache(maxsize=128)
-def _mask_bias(plans: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[G, T^n, R^n]`` additive mask (0 inside the window, -inf outside) of a tiling."""
+@functools.lru_cache(maxsize=32)
+def _mask_bias(axes: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[G, T^n, R^n]`` additive mask (0 inside the window, -inf outside) of the tiling of ``axes`` (one
+    ``_axis_plan`` argument tuple per axis; cached by those, not by tensors)."""
+    plans = [_axis_plan(*a) for a in axes]
     n = len(plans)
     mask = functools.reduce(torch.logical_and, [_place(p[1], i, n) for i, p in enumerate(plans)])
     # shape = [tiles_1, d_1, ..., tiles_n, d_n, T_1..T_n, R_1..R_n]
@@ -156,20 +159,20 @@ def _mask_bias(plans: tuple, dtype: torch.dtype, device: torch.device) -> torch.
     return bias.reshape(G, T, R).to(device)
 
 
-@functools.lru_cache(maxsize=128)
-def _rpb_index(plans: tuple, kernel: tuple, device: torch.device) -> torch.Tensor:
-    """``[G·T^n·R^n]`` flat index into the ``[heads, prod(2k-1)]`` bias table of a tiling."""
+@functools.lru_cache(maxsize=32)
+def _rpb_index(axes: tuple, device: torch.device) -> torch.Tensor:
+    """``[G·T^n·R^n]`` flat index into the ``[heads, prod(2k-1)]`` bias table of the tiling of ``axes``."""
+    plans, kernel = [_axis_plan(*a) for a in axes], [a[1] for a in axes]
     n = len(plans)
     flat = functools.reduce(torch.add, [_place(p[2], i, n) * math.prod(2 * x - 1 for x in kernel[i + 1:])
                                         for i, p in enumerate(plans)])
     return flat.flatten().to(device)
 
 
-def _rpb_bias(rpb: torch.Tensor, plans: tuple, shape) -> torch.Tensor:
+def _rpb_bias(rpb: torch.Tensor, axes: tuple, shape) -> torch.Tensor:
     """``[heads, G, T^n, R^n]`` relative position bias of a tiling (differentiable in ``rpb``): a gather from
     the flattened table, whose backward is one ``index_add`` (fast on CPU, unlike n-D advanced indexing's)."""
-    kernel = tuple((x + 1) // 2 for x in rpb.shape[1:])
-    return rpb.flatten(1).index_select(1, _rpb_index(plans, kernel, rpb.device)).view(rpb.shape[0], *shape)
+    return rpb.flatten(1).index_select(1, _rpb_index(axes, rpb.device)).view(rpb.shape[0], *shape)
 
 
 def _attend_tiles(q, k, v, kernel, stride, dilation, causal, scale, rpb, extra_k, extra_v, dropout_p, need_lse=True,
@@ -177,8 +180,9 @@ def _attend_tiles(q, k, v, kernel, stride, dilation, causal, scale, rpb, extra_k
     """The torch backend: ``(out [B, *spatial, heads, Dv], lse [B, *spatial, heads])``."""
     B, *size, heads, D = q.shape
     n, Dv = len(size), v.shape[-1]
-    tiles = tiles or tuple(_default_tile(*a) for a in zip(size, kernel, stride, dilation))
-    plans = tuple(_axis_plan(*a) for a in zip(size, kernel, stride, dilation, causal, tiles))
+    tiles = tiles or tuple(_default_tile(*a, n) for a in zip(size, kernel, stride, dilation))
+    axes = tuple(zip(size, kernel, stride, dilation, causal, tiles))
+    plans = [_axis_plan(*a) for a in axes]
 
     # queries: pad every axis to tiles*tile*d, then [B, heads, G, T^n, D]
     padded = [p[4] * t * d for p, t, d in zip(plans, tiles, dilation)]
@@ -199,9 +203,9 @@ def _attend_tiles(q, k, v, kernel, stride, dilation, causal, scale, rpb, extra_k
 
     kr, vr = rects(k), rects(v)
     logits = qp @ kr.transpose(-1, -2)  # [B, heads, G, T^n, R^n]
-    bias = _mask_bias(plans, logits.dtype, logits.device)
+    bias = _mask_bias(axes, logits.dtype, logits.device)
     if rpb is not None:
-        bias = _rpb_bias(rpb.to(logits.dtype), plans, bias.shape) + bias
+        bias = _rpb_bias(rpb.to(logits.dtype), axes, bias.shape) + bias
     logits = logits + bias
     R = logits.shape[-1]
     if extra_k is not None:

@@ -13,3 +13,16 @@ def load(name: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"fixture {path} is missing: CI checks out shared/ beside the repository")
     return torch.load(path, weights_only=True)
+
+
+def bra_from_fixture(name: str, **kwargs):
+    """The official BiFormer BRA layer of fixture ``name`` as our ``BiLevelRoutingAttention`` (eval), and the fixture."""
+    from vision.attention import BiLevelRoutingAttention
+
+    fx = load(name)
+    kw = fx["meta"]["kwargs"]
+    layer = BiLevelRoutingAttention(kw["dim"], kw["num_heads"], kw["n_win"], kw["qk_dim"], topk=kw["topk"],
+                                    side_dwconv=kw["side_dwconv"], **kwargs).eval()
+    state = {k.replace("qkv.qkv.", "qkv.").replace("wo.", "proj."): v for k, v in fx["state_dict"].items()}
+    layer.load_state_dict(state)
+    return layer, fx

@@ -68,8 +68,9 @@ class _NeighborhoodAttention(nn.Module):
             raise ValueError(f"{type(self).__name__} expects [B, {self.RANK} spatial axes, C]; got {tuple(x.shape)}")
         B, *size, C = x.shape
         keep = self.dilation_policy == "error"
-        pads = [max(0, k * (d if keep else 1) - s) for s, k, d in zip(size, self._kernel, self._dilation)]
-        if any(pads):
+        # sym_max, and always padding for symbolic sizes (torch.export, dynamic H/W): one graph for every size
+        pads = [torch.sym_max(0, k * (d if keep else 1) - s) for s, k, d in zip(size, self._kernel, self._dilation)]
+        if not all(isinstance(p, int) for p in pads) or any(pads):
             x = F.pad(x, [0, 0, *[p for pad in reversed(pads) for p in (0, pad)]])
         return self.qkv(x).view(B, *x.shape[1:-1], 3, self.num_heads, self.head_dim).unbind(-3)
 

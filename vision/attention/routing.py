@@ -101,7 +101,7 @@ class BiLevelRoutingAttention(nn.Module):
         B, H, W, C = x.shape
         n = self.n_win
         pad_h, pad_w = -H % n, -W % n
-        if pad_h or pad_w:
+        if not (isinstance(H, int) and isinstance(W, int)) or pad_h or pad_w:  # symbolic (export): always pad
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
         index = self.route(_to_regions(q, n), _to_regions(k, n))

@@ -2,7 +2,7 @@
 
 Each family module registers its variants with ``@register_model`` on import, and every module here whose
 name does not start with ``_`` is a family: this package imports them all, so a new family file is
-registered (and in the shared test battery, tests/test_models.py) by existing. Shared building blocks live
+registered (and in the shared test battery, tests/models/test_models.py) by existing. Shared building blocks live
 in ``_``-prefixed modules (``_pyramid``, ``_vit``).
 """
 

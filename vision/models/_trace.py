@@ -13,7 +13,7 @@ import inspect
 from timm.models import register_notrace_function, register_notrace_module
 
 from .. import attention
-from . import _vit, agent_pvt, dynamicvit, evit, litv2
+from . import _vit, agent_pvt, dynamicvit, evit, litv2, vitaev2_vsa
 
 for _name in attention.__all__:
     _obj = getattr(attention, _name)
@@ -26,3 +26,4 @@ register_notrace_module(agent_pvt.PatchEmbed)  # resizes its position embedding 
 register_notrace_module(litv2.DeformableTokenMerging)  # autocast off around torchvision's deform_conv2d
 register_notrace_module(evit.Block)  # keeps ceil(rate * tokens) tokens
 register_notrace_function(dynamicvit.prune_by_score)  # keeps int(ratio * patches) tokens
+register_notrace_module(vitaev2_vsa.PyramidReduction)  # pads each dilated conv by the input size

@@ -4,7 +4,7 @@ Paper: "VSA: Learning Varied-Size Window Attention in Vision Transformers" (ECCV
 https://arxiv.org/abs/2204.08446), on ViTAEv2 ("ViTAEv2: Vision Transformer Advanced by Exploring
 Inductive Bias for Image Recognition and Beyond", https://arxiv.org/abs/2202.10108). Reference code:
 ViTAE-Transformer/ViTAE-VSA ``Image-Classification/vitaev2_vsa`` (``ViTAEv2_VSA_S``,
-``ViTAEv2_VSA_widePCM_48M``), checked against its golden outputs (tests/test_vitaev2_vsa.py).
+``ViTAEv2_VSA_widePCM_48M``), checked against its golden outputs (tests/models/test_vitaev2_vsa.py).
 
 Four stages, each a reduction cell followed by normal cells, all on ``[B, H, W, C]``:
 

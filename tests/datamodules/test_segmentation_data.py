@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _layouts import RNG, make_ade20k, write_pair
 from _resume import assert_resumes_mid_epoch
 from PIL import Image
 
@@ -19,7 +20,6 @@ from vision.datamodules.segmentation import (
 )
 from vision.datamodules.transforms import CatMaxRatioCrop, fit_scale
 
-RNG = np.random.default_rng(0)
 SMALL = dict(
     crop_size=(32, 32),
     scale=(64, 32),
@@ -29,31 +29,6 @@ SMALL = dict(
     eval_batch_size=2,
     num_workers=0,
 )
-
-
-def write_pair(image_path: Path, mask_path: Path, mask: np.ndarray, mode: str = "L", image_size=None) -> None:
-    image_path.parent.mkdir(parents=True, exist_ok=True)
-    mask_path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = image_size or mask.shape
-    Image.fromarray(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(image_path)
-    if mode == "P":
-        img = Image.fromarray(mask.astype(np.uint8), mode="P")
-        img.putpalette(RNG.integers(0, 256, 768, dtype=np.uint8).tolist())  # colours unrelated to the ids
-        img.save(mask_path)
-    else:
-        Image.fromarray(mask.astype(np.uint8)).save(mask_path)
-
-
-def make_ade20k(root: Path, n: int = 3) -> Path:
-    for split in ("training", "validation"):
-        for i in range(n):
-            mask = RNG.integers(0, 151, (40, 50))
-            write_pair(
-                root / "images" / split / f"ADE_{split}_{i}.jpg",
-                root / "annotations" / split / f"ADE_{split}_{i}.png",
-                mask,
-            )
-    return root
 
 
 def make_voc(root: Path, n: int = 3) -> Path:

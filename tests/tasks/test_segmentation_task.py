@@ -199,7 +199,8 @@ def test_ade20k_experiments(compose_cfg, tmp_path, experiment, backbone):
     """The paper recipes compose as documented, and train/validate/test a step on a fake ADE20K tree (with a
     tiny stand-in backbone: the real ones go through smp in
     test_registered_transformer_backbone_through_smp)."""
-    from tests.test_segmentation_data import make_ade20k
+    from _layouts import make_ade20k
+
     from vision.utils import train
 
     cfg = compose_cfg("train", [f"experiment={experiment}"])
@@ -280,7 +281,8 @@ def test_dtop_head_prunes_only_below_its_threshold():
 
 
 def test_dtop_experiment_composes_and_trains_a_step(compose_cfg, tmp_path):
-    from tests.test_segmentation_data import make_ade20k
+    from _layouts import make_ade20k
+
     from vision.utils import train
 
     cfg = compose_cfg("train", ["experiment=dtop_ade20k"])

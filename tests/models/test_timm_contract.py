@@ -1,4 +1,4 @@
-"""What timm's own model tests check, beyond the shared battery (tests/test_models.py), written as our own:
+"""What timm's own model tests check, beyond the shared battery (tests/models/test_models.py), written as our own:
 default-cfg consistency, ``forward_intermediates`` options, ``features_only`` with ``out_indices``, grad
 checkpointing in training mode, FX tracing (timm's leaves), ``torch.export`` with dynamic height/width, ONNX
 against eager, and pretrained weights by name served from a ``file://`` URL through timm's download path.
@@ -14,24 +14,23 @@ import re
 import pytest
 import timm
 import torch
+from _fixtures import load
 from timm.data import resolve_model_data_config
 from timm.models import create_feature_extractor, get_graph_node_names
 from torch.export import Dim
 
 import vision
 
-from _fixtures import load
-
 MODELS = vision.list_models()
-_RANK = ("mini", "tiny", "small", "medium", "base", "large")
+_RANK = {"mini": 0, "t": 1, "tiny": 1, "s": 2, "small": 2, "m": 3, "medium": 3, "b": 4, "base": 4, "l": 5, "large": 5}
 
 
 def _smallest_per_family(names: list[str]) -> list[str]:
+    """By the variant suffix (``_tiny``, ``_s``, ...); other suffixes (``_48m``) after the named sizes."""
     families: dict[str, list[str]] = {}
     for name in names:
-        family, _, size = name.rpartition("_")
-        families.setdefault(family, []).append(name)
-    return sorted(min(v, key=lambda n: _RANK.index(n.rpartition("_")[2])) for v in families.values())
+        families.setdefault(name.rpartition("_")[0], []).append(name)
+    return sorted(min(v, key=lambda n: (_RANK.get(n.rpartition("_")[2], 99), n)) for v in families.values())
 
 
 SMALLEST = _smallest_per_family(MODELS)
@@ -47,27 +46,35 @@ def image(height: int = 64, width: int = 64, batch: int = 2) -> torch.Tensor:
 
 
 def test_smallest_per_family():
-    assert _smallest_per_family(["nat_base", "nat_mini", "dinat_tiny", "dinat_small", "x_deit_small"]) == [
-        "dinat_tiny", "nat_mini", "x_deit_small"]
+    assert _smallest_per_family(["nat_base", "nat_mini", "dinat_tiny", "dinat_small", "x_deit_small", "v_48m",
+                                 "v_s"]) == ["dinat_tiny", "nat_mini", "v_s", "x_deit_small"]
     assert len(SMALLEST) == len({n.rpartition("_")[0] for n in MODELS})
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_pretrained_cfg_fields(name):
+    cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    assert cfg["first_conv"] and cfg["classifier"] and cfg["num_classes"] == 1000
+    assert cfg["input_size"] == (3, 224, 224) and 0 < cfg["crop_pct"] <= 1 and len(cfg["mean"]) == len(cfg["std"]) == 3
+    if cfg["url"]:  # an official download: https, an ImageNet tag, a file name for timm's cache
+        assert cfg["url"].startswith("https://") and cfg["tag"] == "in1k" and cfg["url"].endswith(".pth"), cfg
+
+
+@pytest.mark.parametrize("name", SMALLEST)
 def test_default_cfg_is_consistent(name):
     with torch.device("meta"):
         model = timm.create_model(name)
     cfg = model.pretrained_cfg
     for key in ("first_conv", "classifier"):  # they name modules with weights (timm adapts them on load)
-        module = model.get_submodule(cfg[key])
-        assert isinstance(getattr(module, "weight", None), torch.Tensor), f"{name}: {key}={cfg[key]!r}"
+        for path in (cfg[key],) if isinstance(cfg[key], str) else cfg[key]:  # one name or several
+            module = model.get_submodule(path)
+            assert isinstance(getattr(module, "weight", None), torch.Tensor), f"{name}: {key}={path!r}"
     assert model.get_classifier() is model.get_submodule(cfg["classifier"])
     assert model.num_features == model.head_hidden_size == model.feature_info[-1]["num_chs"]
     assert getattr(model, "output_fmt", "NCHW") == "NCHW"  # what forward_features returns (checked below)
     data = resolve_model_data_config(model)
     for key in ("input_size", "interpolation", "mean", "std", "crop_pct"):
         assert tuple(data[key]) == tuple(cfg[key]) if isinstance(cfg[key], tuple) else data[key] == cfg[key]
-    if cfg["url"]:  # an official download: https, an ImageNet tag
-        assert cfg["url"].startswith("https://") and cfg["tag"] == "in1k", cfg
 
 
 @pytest.mark.parametrize("name", SMALLEST)
@@ -133,7 +140,7 @@ def test_features_only_with_out_indices(name):
 @pytest.mark.parametrize("name", SMALLEST)
 def test_grad_checkpointing_in_training_matches(name):
     x = image()
-    grads = []
+    grads, outs = [], []
     for ckpt in (False, True):
         model = create(name, num_classes=10, drop_path_rate=0.0).train()
         model.set_grad_checkpointing(ckpt)
@@ -141,9 +148,8 @@ def test_grad_checkpointing_in_training_matches(name):
         out = model(x)
         out.square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
-        if ckpt:
-            torch.testing.assert_close(out, reference)
-        reference = out.detach()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[1], outs[0])
     assert all(g is not None for g in grads[1].values())
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
@@ -170,20 +176,27 @@ def test_fx_forward_and_backward(name):
     assert not missing, f"parameters without gradient through the FX graph: {missing[:5]}"
 
 
+# Dynamic-size export checked so far (issue #22, unfinished): the other families' exports did not finish within
+# 15-25 minutes on the session's shared CPU cores, so they are not claimed here yet.
+EXPORT_CHECKED = ["agent_deit_tiny", "agent_pvt_tiny"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SMALLEST)
+@pytest.mark.parametrize("name", EXPORT_CHECKED)
 def test_export_dynamic_size_and_onnx(name, tmp_path):
-    """One ``torch.export`` with dynamic height/width serves every size; ONNX (from that program) matches eager."""
+    """One ``torch.export`` with dynamic height/width serves every size; ONNX (from that program) matches eager
+    at the export size (ONNX Runtime does not take other sizes through that graph yet)."""
     ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime comes with the dev extras")
     model = create(name, num_classes=10).eval()
     x = image(64, 96, batch=1)
-    shapes = ({2: Dim("height", min=32, max=1024), 3: Dim("width", min=32, max=1024)},)
+    shapes = ({2: Dim.DYNAMIC, 3: Dim.DYNAMIC},)  # size checks inside become runtime asserts, tested below
     program = torch.export.export(model, (x,), dynamic_shapes=shapes)
     exported = program.module()
     with torch.no_grad():
         for size in ((64, 96), (97, 131), (224, 224)):
             y = image(*size, batch=1)
-            torch.testing.assert_close(exported(y), model(y), rtol=1e-4, atol=1e-5, msg=lambda m: f"{size}: {m}")
+            torch.testing.assert_close(exported(y), model(y), rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, size=size: f"{size}: {m}")
 
     path = tmp_path / f"{name}.onnx"
     torch.onnx.export(program, (x,), dynamo=True).save(str(path))

@@ -16,7 +16,7 @@ from vision.datamodules import (
     read_idx,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FMNIST = ROOT / "data" / "fashion-mnist"
 
 

@@ -34,7 +34,7 @@ from vision.utils.checkpoint import (
     resolve_ckpt_path,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.backbone.kwargs.channels=[8,8,8,8]", "data.image_size=16", "data.num_workers=0",
         "trainer.accelerator=cpu", "trainer.devices=1", "callbacks.rich_progress_bar=null",
         "callbacks.model_summary=null", "callbacks.attention_maps=null", "trainer.deterministic=true",

@@ -206,7 +206,7 @@ def test_benchmark_counts_flops_with_pruning_in_effect():
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import bench_dtop
 
     torch.manual_seed(0)

@@ -222,4 +222,4 @@ def test_deterministic_mode_refuses_the_rpb_atomics():
         torch.use_deterministic_algorithms(False)
 
 
-# The sm_90 compile check of the dispatched windowed (and BRA) kernels is tests/test_kernel_report.py.
+# The sm_90 compile check of the dispatched windowed (and BRA) kernels is tests/kernels/test_kernel_report.py.

@@ -3,21 +3,11 @@
 import pytest
 import timm
 import torch
-from _fixtures import load
+from _fixtures import bra_from_fixture, load
 
 import vision
 from vision.attention import BiLevelRoutingAttention
 from vision.models.biformer import checkpoint_filter_fn
-
-
-def bra_from_fixture(name: str, **kwargs) -> tuple[BiLevelRoutingAttention, dict]:
-    fx = load(name)
-    kw = fx["meta"]["kwargs"]
-    layer = BiLevelRoutingAttention(kw["dim"], kw["num_heads"], kw["n_win"], kw["qk_dim"], topk=kw["topk"],
-                                    side_dwconv=kw["side_dwconv"], **kwargs).eval()
-    state = {k.replace("qkv.qkv.", "qkv.").replace("wo.", "proj."): v for k, v in fx["state_dict"].items()}
-    layer.load_state_dict(state)
-    return layer, fx
 
 
 @pytest.mark.parametrize("name", ["biformer_bra_layer", "biformer_bra_layer_autopad_30x25"])

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _layouts import QUICK
 from PIL import Image
 
 from vision.utils import evaluate, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
 # Experiments of a task with its own data (detection, segmentation, medical) train a step in that task's test
 # file, on data made for it: the test named here (checked by test_experiments_stepped_elsewhere_really_run).
@@ -32,7 +33,6 @@ STEPPED_ELSEWHERE = {
     "quickstart": ("test_pipeline.py", "test_quickstart_learns"),
 }
 # Small, offline stand-ins for the data each experiment expects.
-QUICK = ["trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0", "callbacks.rich_progress_bar=null"]
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40) -> Path:

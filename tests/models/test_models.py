@@ -81,7 +81,7 @@ def test_backward_reaches_every_parameter(name):
     assert not missing, f"parameters without gradient: {missing[:5]}"
 
 
-# grad checkpointing is checked in training mode, gradients against the plain run, in tests/test_timm_contract.py
+# grad checkpointing is checked in training mode, gradients against the plain run, in tests/models/test_timm_contract.py
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from test_pipeline import QUICK
+from _layouts import QUICK
 
 import vision  # noqa: F401  (registers the models)
 from vision.attention import (

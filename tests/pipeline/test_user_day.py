@@ -25,7 +25,7 @@ from vision.datamodules.datasets import BadSamples, CorruptImageError
 from vision.utils import evaluate, metric_value, train
 from vision.utils.checkpoint import AtomicCheckpointIO, load_checkpoint_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["data.num_workers=0", "callbacks.rich_progress_bar=null", "callbacks.model_summary=null",
          "callbacks.attention_maps=null", "trainer.accelerator=cpu"]
 EVAL_QUIET = ["data.num_workers=0", "callbacks.rich_progress_bar=null", "trainer.accelerator=cpu"]

@@ -134,7 +134,7 @@ def test_bad_inputs_are_named():
 def test_biformer_bra_takes_the_fused_path_and_matches_official():
     """The official padded layer (30x25, 7x7 regions, top-3) gives the fixture's output and input gradient
     through the fused kernels too."""
-    from test_biformer import bra_from_fixture
+    from _fixtures import bra_from_fixture
 
     layer, fx = bra_from_fixture("biformer_bra_layer_autopad_30x25")
     layer.backend = "triton"
