@@ -53,7 +53,7 @@ def _smp_encoder_decoder(head: str, backbone: BackboneSpec, in_chans: int, decod
     return model.encoder, model.decoder, out_channels
 
 
-HEADS = ("upernet", "fpn", "dtop")
+HEADS = ("upernet", "fpn", "dtop", "wau")
 
 
 class FCNHead(nn.Module):
@@ -172,13 +172,18 @@ def create_segmentation_model(
     aux_channels: int | None = 256,
     aux_weight: float = 0.4,
     dtop: dict | None = None,
+    wau: dict | None = None,
 ) -> nn.Module:
     """The segmentation network for ``head`` (one of ``HEADS``) on ``backbone`` (a :class:`BackboneSpec` or
     a ``configs/model`` entry). ``aux_channels=None`` drops the auxiliary head.
 
     ``head=dtop``: ``backbone.name`` is a plain timm ViT and ``dtop`` holds DToP's own arguments
     (``variant`` — ``dtop_vit_base`` / ``dtop_vit_large``, the official settings — and any override of it:
-    ``img_size``, ``out_indices``, ``threshold``, ``top_k``, ``head_dim``, ...)."""
+    ``img_size``, ``out_indices``, ``threshold``, ``top_k``, ``head_dim``, ...).
+
+    ``head=wau``: a U-Net decoder of window-attention upsampling steps (:mod:`vision.heads.wau`), its output at
+    the finest lateral scale; ``decoder_channels`` for every step unless ``wau`` (the decoder's arguments:
+    ``decoder_channels`` per step, ``num_heads``, ``window_size``, ``mlp_ratio``) says otherwise."""
     if head not in HEADS:
         raise ValueError(f"unknown segmentation head {head!r}; choose from {list(HEADS)}")
     backbone = BackboneSpec.parse(backbone)
@@ -188,5 +193,12 @@ def create_segmentation_model(
         options = dict(dtop or {})
         return DToPSegmenter(create_dtop(options.pop("variant", "dtop_vit_base"), backbone=backbone,
                                          num_classes=num_classes, **options))
+    if head == "wau":
+        from .wau import WAUDecoder, smp_encoder
+
+        encoder = smp_encoder(backbone, in_chans)
+        decoder = WAUDecoder(encoder.out_channels, **{"decoder_channels": decoder_channels, **(wau or {})})
+        return SegmentationModel(encoder, decoder, decoder.out_channels, num_classes, dropout, aux_channels,
+                                 aux_weight)
     encoder, decoder, channels = _smp_encoder_decoder(head, backbone, in_chans, decoder_channels)
     return SegmentationModel(encoder, decoder, channels, num_classes, dropout, aux_channels, aux_weight)

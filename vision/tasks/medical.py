@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -28,16 +29,19 @@ from ..backbone import BackboneSpec
 from ..models import forget_state_dict
 from .schedules import per_step, training_steps, warmup_cosine
 
-NETWORKS = ("smp", "unet", "swin_unetr", "nat_unet3d")
+NETWORKS = ("smp", "unet", "swin_unetr", "nat_unet3d", "attention_unet")
 
 
 def create_network(network: str, backbone: BackboneSpec | dict, in_channels: int, num_classes: int, spatial_dims: int,
                   decoder: str = "unet", net_kwargs: dict | None = None) -> nn.Module:
     """The segmentation network, logits ``[B, num_classes, *spatial]``.
 
-    ``smp``: ``smp.Unet`` or ``smp.FPN`` (``decoder``) on the timm backbone ``backbone`` (2-D);
+    ``smp``: ``smp.Unet``, ``smp.FPN`` or the WAU U-Net (:mod:`vision.heads.wau`) (``decoder``) on the timm
+    backbone ``backbone`` (2-D);
     ``unet`` / ``swin_unetr``: MONAI's, in ``spatial_dims`` dimensions; ``nat_unet3d``: 3-D neighborhood
-    attention encoder + U-Net decoder (:class:`vision.heads.nat_unet3d.NATUNet3D`). ``net_kwargs`` go to the network.
+    attention encoder + U-Net decoder (:class:`vision.heads.nat_unet3d.NATUNet3D`); ``attention_unet``:
+    attention-gated 3-D U-Net, multi-scale input, deep supervision (:mod:`vision.heads.attention_unet3d`).
+    ``net_kwargs`` go to the network.
     """
     net_kwargs = dict(net_kwargs or {})
     if network == "smp":
@@ -45,9 +49,13 @@ def create_network(network: str, backbone: BackboneSpec | dict, in_channels: int
 
         if spatial_dims != 2:
             raise ValueError("smp networks are 2-D; volumes run through them slice-wise (SliceWise)")
-        decoders = {"unet": smp.Unet, "fpn": smp.FPN}
+        decoders = {"unet": smp.Unet, "fpn": smp.FPN, "wau": None}
         if decoder not in decoders:
             raise ValueError(f"decoder={decoder!r}; expected one of {sorted(decoders)}")
+        if decoder == "wau":  # window-attention upsampling (vision.heads.wau); net_kwargs: its decoder's
+            from ..heads.wau import create_wau_unet
+
+            return create_wau_unet(backbone, in_channels, num_classes, **net_kwargs)
         net = decoders[decoder](in_channels=in_channels, classes=num_classes,
                                 **BackboneSpec.parse(backbone).smp_encoder(), **net_kwargs)
         forget_state_dict(net.encoder)
@@ -73,6 +81,12 @@ def create_network(network: str, backbone: BackboneSpec | dict, in_channels: int
         if spatial_dims != 3:
             raise ValueError(f"network=nat_unet3d is 3-D; got a {spatial_dims}-D roi_size")
         return NATUNet3D(in_channels, num_classes, **net_kwargs)
+    if network == "attention_unet":
+        from ..heads.attention_unet3d import AttentionUNet3D  # AGUNet-style (not MONAI's: see there)
+
+        if spatial_dims != 3:
+            raise ValueError(f"network=attention_unet is 3-D; got a {spatial_dims}-D roi_size")
+        return AttentionUNet3D(in_channels, num_classes, **net_kwargs)
     raise ValueError(f"network={network!r}; expected one of {NETWORKS}")
 
 
@@ -125,6 +139,14 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
     return dice.float(), hd.float().to(dice.device)  # MONAI may compute HD95 on the host; metrics sync on device
 
 
+def case_table(values: dict[str, list[float]], names: list[str]) -> str:
+    """Per-class Dice and HD95 (means over cases) and their mean, as a text table (rows: classes + mean)."""
+    rows = [f"{'class':<16}{'Dice':>8}{'HD95':>10}"]
+    for name, dice, hd in zip([*names, "mean"], values["dice"], values["hd95"]):
+        rows.append(f"{name:<16}{dice:>8.4f}{hd:>10.2f}")
+    return "\n".join(rows)
+
+
 def _plain(x: torch.Tensor) -> torch.Tensor:
     """MONAI MetaTensors as plain tensors: the networks do not need the metadata, and it slows them down."""
     return x.as_tensor() if hasattr(x, "as_tensor") else x
@@ -150,7 +172,7 @@ class MedicalSegmentationModule(L.LightningModule):
             window over all slices, so every slice sees its true neighbours).
         network: ``smp`` (2-D/2.5-D on the backbone), ``unet`` or ``swin_unetr`` (MONAI), ``nat_unet3d`` (3-D NAT
             encoder + U-Net decoder); ``net_kwargs`` for it.
-        decoder: ``unet`` or ``fpn`` (smp). context: neighbouring slices on each side (2.5-D).
+        decoder: ``unet`` or ``fpn`` (smp), ``wau`` (window-attention upsampling, :mod:`vision.heads.wau`). context: neighbouring slices on each side (2.5-D).
         slices_per_patch: axial slices drawn per training patch (2.5-D); None uses all.
         lambda_dice, lambda_ce: DiceCE weights. sw_batch_size, sw_overlap: sliding-window inference.
         lr, min_lr, weight_decay, warmup_epochs: AdamW with per-step warmup + cosine.
@@ -202,13 +224,28 @@ class MedicalSegmentationModule(L.LightningModule):
         return self.volume_net(image)
 
     def predict(self, image: torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits over a whole image or volume."""
+        """Sliding-window logits over a whole image or volume. A volume ``[B, C, H, W, D]`` given to a 2-D
+        network (slice-trained data: Synapse, ACDC) is predicted slice by slice, each slice resized to
+        ``roi_size`` and its logits back (the TransUNet protocol)."""
         hp = self.hparams
+        if self.spatial_dims == 2 and image.ndim == 5:
+            return self._predict_slices(_plain(image))
         roi = list(hp.roi_size)
         if self.slicewise:
             roi[-1] = -1  # all slices in each window
         return sliding_window_inference(_plain(image), roi, hp.sw_batch_size, self.forward,
                                         overlap=hp.sw_overlap, mode="gaussian")
+
+    def _predict_slices(self, volume: torch.Tensor) -> torch.Tensor:
+        b, d, size = volume.shape[0], volume.shape[-1], volume.shape[2:4]
+        slices = volume.permute(0, 4, 1, 2, 3).flatten(0, 1)  # [B * D, C, H, W]
+        chunk = max(1, self.hparams.sw_batch_size)
+        logits = []
+        for i in range(0, len(slices), chunk):
+            x = F.interpolate(slices[i:i + chunk], size=tuple(self.hparams.roi_size), mode="bilinear",
+                              align_corners=False)
+            logits.append(F.interpolate(self.net(x), size=size, mode="bilinear", align_corners=False))
+        return torch.cat(logits).unflatten(0, (b, d)).permute(0, 2, 3, 4, 1)  # [B, K, H, W, D]
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -227,10 +264,18 @@ class MedicalSegmentationModule(L.LightningModule):
         image, label = _plain(batch["image"]), _plain(batch["label"])
         if self.slicewise:
             image, label = self._training_slices(image, label)
-        loss = self.loss(self.net(image), label)  # a non-finite loss: NonFiniteGuard (callbacks: default)
+        loss = self._loss(self.net(image), label)  # a non-finite loss: NonFiniteGuard (callbacks: default)
         self.train_loss(loss.detach())
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
+
+    def _loss(self, logits: torch.Tensor | list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        """DiceCE; a list of logits (deep supervision, full resolution first) weighs level k by 2^-k, normalised."""
+        if isinstance(logits, torch.Tensor):
+            return self.loss(logits, label)
+        weights = torch.tensor([0.5**k for k in range(len(logits))])
+        weights = weights / weights.sum()
+        return sum(w * self.loss(out, label) for w, out in zip(weights.tolist(), logits))
 
     def on_train_start(self) -> None:
         self.val_dice_best.reset()  # sanity-check batches must not count towards the best
@@ -253,7 +298,7 @@ class MedicalSegmentationModule(L.LightningModule):
 
     def _log_cases(self, split: str) -> float | None:
         """Per-class means over cases (NaN-skipping), and their mean over classes; returns mean Dice."""
-        means = {}
+        means, table = {}, {}
         for name in ("dice", "hd95"):
             metric = self.cases[f"{split}_{name}"]
             if not metric.update_count:
@@ -264,8 +309,17 @@ class MedicalSegmentationModule(L.LightningModule):
                 self.log(f"{split}/{name}_{k}", v)
             means[name] = per_class.nanmean()
             self.log(f"{split}/{name}", means[name], prog_bar=True)
+            table[name] = per_class.tolist() + [float(means[name])]
             metric.reset()
+        if split == "test":
+            rank_zero_only(print)(case_table(table, self._class_names()))  # the papers' table, in the console
         return float(means["dice"])
+
+    def _class_names(self) -> list[str]:
+        names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None) if self._trainer else None
+        names = list(names or [])[1:]
+        return names if len(names) == self.hparams.num_classes - 1 else [
+            f"class_{k}" for k in range(1, self.hparams.num_classes)]
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         # the predicted label map reaches callbacks' on_validation_batch_end (MedicalOverlays)

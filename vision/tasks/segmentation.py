@@ -81,8 +81,8 @@ class SegmentationModule(L.LightningModule):
     Args:
         backbone: ``{name, drop_path_rate, pretrained_file, kwargs}`` (a ``configs/model`` entry).
         num_classes, in_chans: the dataset's. ignore_index: label excluded from the loss and the metrics.
-        head: ``upernet``, ``fpn`` or ``dtop`` (see :func:`create_segmentation_model`; ``dtop`` holds its
-            options). decoder_channels: UPerNet's channels (mmseg 512) or the FPN head's
+        head: ``upernet``, ``fpn``, ``dtop`` or ``wau`` (see :func:`create_segmentation_model`; ``dtop`` and
+            ``wau`` hold their options). decoder_channels: UPerNet's channels (mmseg 512) or the FPN head's
             (mmseg 128, a multiple of 32; its neck gets twice as many). dropout: before the classifiers.
         aux_weight: weight of the auxiliary FCN head's loss (mmseg 0.4); 0 builds no auxiliary head.
         aux_channels: its hidden channels.
@@ -117,6 +117,7 @@ class SegmentationModule(L.LightningModule):
         poly_power: float = 1.0,
         inference: dict | None = None,
         dtop: dict | None = None,
+        wau: dict | None = None,
         class_names: list[str] | None = None,
         compile: bool = False,
         channels_last: bool = False,
@@ -142,6 +143,7 @@ class SegmentationModule(L.LightningModule):
             aux_channels if aux_weight > 0 else None,
             aux_weight,
             dtop,
+            wau=wau,
         )
 
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
