@@ -61,7 +61,7 @@ signal_module = signal
 
 def run_train(run_dir: Path, *overrides: str, launcher: tuple[str, ...] = (),
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "PROJECT_ROOT": str(ROOT), **(env or {})}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (ROOT, ROOT / 'tests', Path(__file__).parent))), "PROJECT_ROOT": str(ROOT), **(env or {})}
     cmd = [sys.executable, *launcher, "train.py", *overrides, f"hydra.run.dir={run_dir}", "extras.print_config=false"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

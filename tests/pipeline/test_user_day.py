@@ -122,7 +122,7 @@ SIGNAL_RUN = [*QUIET, "data.num_workers=1", "model.backbone.kwargs.channels=[8,8
 @pytest.mark.parametrize("target", ["process", "group"])
 def test_signal_saves_last_checkpoint_and_exits_cleanly(tmp_path, sig, target):
     run, ready = tmp_path / "run", tmp_path / "ready"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "PROJECT_ROOT": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (ROOT, ROOT / 'tests', Path(__file__).parent))), "PROJECT_ROOT": str(ROOT)}
     cmd = [sys.executable, "train.py", *SIGNAL_RUN, f"hydra.run.dir={run}",
            "+callbacks.slow._target_=test_user_day.SlowSteps", f"+callbacks.slow.ready={ready}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
