@@ -275,16 +275,6 @@ class ViTAEv2VSA(PyramidBackbone):
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-            ],
-        )
-
 
 _CELL_RENAMES = {"PRM.": "prm.", "PCM.": "pcm."}
 
