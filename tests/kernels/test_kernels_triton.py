@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+from _compare import TOLERANCE, assert_backends_agree
 
 from kernels import _checks, neighborhood_attention2d, window_attention2d
 
@@ -20,7 +21,6 @@ pytestmark = pytest.mark.skipif(_checks.triton_windowed is None, reason="triton 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 uses IEEE dots (no TF32); fp16 is compared with the fp32 reference, so its bound is fp16 rounding.
-TOLERANCE = {torch.float32: dict(atol=3e-5, rtol=1e-4), torch.float16: dict(atol=6e-3, rtol=6e-3)}
 
 NEIGHBORHOOD_CASES = [  # (B, H, W, heads, D), kernel_size, dilation, rpb, dtype
     ((1, 9, 11, 2, 16), 3, 1, True, torch.float32),
@@ -147,17 +147,7 @@ def test_models_take_the_fused_path():
     layers = [NeighborhoodAttention2D(32, 2, kernel_size=3, dilation=2), WindowAttention(32, 2, 4, 2, rel_pos_bias=True)]
     for layer in layers:
         layer.to(DEVICE)
-        results = []
-        for backend in ("torch", "triton"):
-            layer.backend = backend
-            layer.zero_grad()
-            out = layer(x)
-            out.square().sum().backward()
-            results.append((out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
-        (ref, ref_grads), (got, got_grads) = results
-        torch.testing.assert_close(got, ref, **TOLERANCE[torch.float32])
-        for name in ref_grads:
-            torch.testing.assert_close(got_grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+        assert_backends_agree(layer, x, **TOLERANCE[torch.float32])
 
 
 def test_import_needs_no_gpu():
