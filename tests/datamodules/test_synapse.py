@@ -106,19 +106,25 @@ def test_bad_volume_and_missing_list(tmp_path):
         SynapseDataModule(str(root), num_classes=4)
 
 
-def test_acdc_layout(tmp_path):
+def write_acdc(root: Path) -> Path:
+    """Two training slices, one validation slice and one test volume, as the MT-UNet release lays them out."""
     for split in ("train", "valid", "test"):
-        (tmp_path / split).mkdir()
-    (tmp_path / "lists").mkdir()
+        (root / split).mkdir(parents=True)
+    (root / "lists").mkdir()
     for k in range(2):
         image, label = _slice(k + 1)
-        np.savez(tmp_path / "train" / f"p{k}_slice.npz", img=image, label=label % 4)
-    np.savez(tmp_path / "valid" / "p9_slice.npz", img=image, label=label % 4)
-    np.savez(tmp_path / "test" / "p7_volume.npz", img=np.zeros((4, 20, 18), np.float32),
+        np.savez(root / "train" / f"p{k}_slice.npz", img=image, label=label % 4)
+    np.savez(root / "valid" / "p9_slice.npz", img=image, label=label % 4)
+    np.savez(root / "test" / "p7_volume.npz", img=np.zeros((4, 20, 18), np.float32),
              label=np.ones((4, 20, 18), np.uint8) * 3)
-    (tmp_path / "lists" / "train.txt").write_text("p0_slice.npz\np1_slice.npz\n")
-    (tmp_path / "lists" / "valid.txt").write_text("p9_slice.npz\n")
-    (tmp_path / "lists" / "test.txt").write_text("p7_volume.npz\n")
+    (root / "lists" / "train.txt").write_text("p0_slice.npz\np1_slice.npz\n")
+    (root / "lists" / "valid.txt").write_text("p9_slice.npz\n")
+    (root / "lists" / "test.txt").write_text("p7_volume.npz\n")
+    return root
+
+
+def test_acdc_layout(tmp_path):
+    write_acdc(tmp_path)
     dm = ACDCDataModule(str(tmp_path), num_classes=4, patch_size=(16, 16), batch_size=2, num_workers=0)
     dm.setup()
     assert next(iter(dm.train_dataloader()))["image"].shape == (2, 1, 16, 16)
@@ -171,8 +177,18 @@ def test_quickstart_wau_step(compose_cfg, tmp_path, decoder):
     assert uses_wau == (decoder == "wau")
 
 
-@pytest.mark.parametrize("name, data", [("synapse_wau", "SynapseDataModule"), ("acdc_wau", "ACDCDataModule")])
-def test_paper_recipes_compose(compose_cfg, name, data):
+@pytest.mark.parametrize("name, data, write", [("synapse_wau", "SynapseDataModule", write_synapse),
+                                               ("acdc_wau", "ACDCDataModule", write_acdc)])
+def test_paper_recipes_compose_and_train_a_step(compose_cfg, tmp_path, name, data, write):
+    from vision.utils import train
+
     cfg = compose_cfg("train", [f"experiment={name}"])
     assert cfg.data._target_.endswith(data) and cfg.model.decoder == "wau" and cfg.data.patch_size == [224, 224]
     assert cfg.model.lambda_dice == cfg.model.lambda_ce == 0.5 and cfg.data.batch_size == 24
+    root = write(tmp_path / name)
+    cfg = compose_cfg("train", [f"experiment={name}", "trainer.accelerator=cpu", "trainer.devices=1",
+                                "trainer.precision=32-true", "data.num_workers=0", "callbacks.rich_progress_bar=null",
+                                "trainer.fast_dev_run=true", f"data.root={root}", "data.patch_size=[32,32]",
+                                "data.batch_size=2"])
+    metrics, _ = train(cfg)
+    assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["test/dice"] <= 1

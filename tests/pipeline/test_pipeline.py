@@ -32,6 +32,9 @@ STEPPED_ELSEWHERE = {
     "quickstart_medical_nat3d": ("test_medical.py", "test_quickstart_medical_nat3d_step"),
     "quickstart": ("test_pipeline.py", "test_quickstart_learns"),
     "compare_mechanisms": ("test_report.py", "test_compare_mechanisms_runs_a_step_per_family"),
+    "quickstart_wau": ("test_synapse.py", "test_quickstart_wau_step"),
+    "synapse_wau": ("test_synapse.py", "test_paper_recipes_compose_and_train_a_step"),
+    "acdc_wau": ("test_synapse.py", "test_paper_recipes_compose_and_train_a_step"),
 }
 # Small, offline stand-ins for the data each experiment expects.
 
