@@ -66,7 +66,8 @@ def test_report_reads_back_what_two_runs_logged(tmp_path):
     assert math.isclose(row["acc"], statistics.fmean(accs)) and math.isclose(row["acc_std"], statistics.stdev(accs))
     for key in ("train_img_s", "infer_img_s", "peak_mem_mb"):
         values = [logged(r, f"perf/{key}") for r in runs]
-        assert all(v > 0 for v in values) and math.isclose(row[key], statistics.fmean(values)), key
+        expected = max(values) if key.endswith("img_s") else statistics.fmean(values)  # fastest seed's speed
+        assert all(v > 0 for v in values) and math.isclose(row[key], expected), key
     spec = yaml.safe_load((ROOT / "configs" / "model" / "nano_nat.yaml").read_text())
     model = vision.create_model(spec["name"], num_classes=10, in_chans=1, **spec["kwargs"])
     assert math.isclose(row["params_m"], sum(p.numel() for p in model.parameters()) / 1e6)
